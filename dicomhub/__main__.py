@@ -1,0 +1,3 @@
+from dicomhub.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""HTTP only: parse requests, call the domain, format responses."""

@@ -1,0 +1,204 @@
+"""Media types: tolerant Accept parsing, multipart/related writing and streaming reading."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
+
+from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+OCTET_STREAM = "application/octet-stream"
+MULTIPART_RELATED = "multipart/related"
+
+_PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
+
+
+@dataclass
+class MediaRange:
+    type: str
+    params: dict[str, str] = field(default_factory=dict)
+    q: float = 1.0
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.params.get("transfer-syntax")
+
+    @property
+    def related_type(self) -> str | None:
+        value = self.params.get("type")
+        return value.lower() if value else None
+
+
+def _split_outside_quotes(header: str) -> list[str]:
+    items, current, quoted = [], [], False
+    for char in header:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [i.strip() for i in items if i.strip()]
+
+
+def parse_media_type(text: str) -> MediaRange:
+    """``type/subtype; a=b; c="d"`` with case-insensitive names and optional quotes."""
+    base, _, rest = text.partition(";")
+    params: dict[str, str] = {}
+    q = 1.0
+    for name, value in _PARAM.findall(";" + rest):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        name = name.lower()
+        if name == "q":
+            try:
+                q = float(value)
+            except ValueError:
+                q = 0.0
+        else:
+            params[name] = value
+    return MediaRange(base.strip().lower(), params, q)
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """The media ranges of an Accept header, best first (stable for equal q); q=0 ranges are dropped."""
+    if not header:
+        return []
+    ranges = [parse_media_type(item) for item in _split_outside_quotes(header)]
+    return sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q)
+
+
+def accepts_dicom_json(header: str | None) -> bool:
+    """Azure's rule for JSON routes: some range must match application/dicom+json."""
+    return any(media.type in (DICOM_JSON, "application/json", "*/*", "application/*") for media in parse_accept(header))
+
+
+# -- multipart writing ---------------------------------------------------------------------------------------------
+def new_boundary() -> str:
+    return uuid.uuid4().hex
+
+
+def multipart_content_type(part_type: str, boundary: str) -> str:
+    return f'{MULTIPART_RELATED}; type="{part_type}"; boundary={boundary}'
+
+
+def multipart_body(parts: Iterable[tuple[str, Iterator[bytes]]], boundary: str) -> Iterator[bytes]:
+    """Streams ``(content type, chunks)`` parts as a multipart/related body."""
+    delimiter = f"--{boundary}\r\n".encode()
+    for content_type, chunks in parts:
+        yield delimiter + f"Content-Type: {content_type}\r\n\r\n".encode()
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+# -- multipart reading (STOW) --------------------------------------------------------------------------------------
+@dataclass
+class SpooledPart:
+    path: Path
+    content_type: str | None
+    size: int = 0
+
+
+class MultipartSpooler:
+    """Feeds a streamed multipart body into one staging file per part, never holding a part in memory."""
+
+    def __init__(self, boundary: str, new_file: Callable[[], Path], max_part_size: int) -> None:
+        self.parts: list[SpooledPart] = []
+        self._new_file = new_file
+        self._max = max_part_size
+        self._file: BinaryIO | None = None
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+        self._ended = False
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+                "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+            max_header_count=32,
+            max_header_size=16384,
+        )
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        path = self._new_file()
+        self.parts.append(SpooledPart(path, self._headers.get("content-type")))
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in _part_end / close()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.size += end - start
+        if part.size > self._max:
+            raise PayloadTooLarge(f"A part of the request is larger than the limit of {self._max} bytes.")
+        assert self._file is not None
+        self._file.write(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _end(self) -> None:
+        self._ended = True
+
+    async def consume(self, stream: AsyncIterator[bytes]) -> list[SpooledPart]:
+        try:
+            async for chunk in stream:
+                if chunk:
+                    self._parser.write(chunk)
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise InvalidRequest(f"The multipart request body is malformed: {exc}") from None
+        finally:
+            self._part_end()
+        if not self._ended:
+            raise InvalidRequest("The multipart request body is malformed: it ends before the closing boundary.")
+        return self.parts
+
+
+def stow_boundary(content_type: str | None) -> str | None:
+    """Validates a STOW Content-Type; returns the multipart boundary, or ``None`` for single-part application/dicom."""
+    if not content_type:
+        raise UnsupportedMediaType("The request must have a Content-Type of multipart/related or application/dicom.")
+    if content_type.strip().lower() == DICOM:
+        return None
+    media = parse_media_type(content_type)
+    if media.type != MULTIPART_RELATED:
+        raise UnsupportedMediaType(f"The content type '{content_type}' is not supported.")
+    if "start" in media.params:
+        raise InvalidRequest("The start parameter in multipart/related request is not supported.")
+    boundary = media.params.get("boundary")
+    if not boundary:
+        raise UnsupportedMediaType("The multipart/related content type has no boundary parameter.")
+    related = media.related_type
+    if related is not None and related != DICOM:
+        raise UnsupportedMediaType(f"The multipart type '{related}' is not supported; use '{DICOM}'.")
+    return boundary

@@ -1,0 +1,75 @@
+"""QIDO-RS: the six search resources."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from dicomhub.api.context import RequestContext, check_uid, studies_context
+from dicomhub.api.media import accepts_dicom_json
+from dicomhub.api.responses import json_response
+from dicomhub.domain.errors import InvalidRequest
+from dicomhub.domain.query import parse_search
+
+router = APIRouter(tags=["QIDO-RS"])
+
+
+async def _search(
+    request: Request, ctx: RequestContext, resource: str, study: str | None = None, series: str | None = None
+) -> Response:
+    raw_query = request.url.query
+    if "<" in raw_query or "%3c" in raw_query.lower():
+        raise InvalidRequest("The query string included invalid characters.")
+    if study is not None:
+        study = check_uid(study, "StudyInstanceUID")
+    if series is not None:
+        series = check_uid(series, "SeriesInstanceUID")
+    if not accepts_dicom_json(request.headers.get("accept")):
+        return Response(status_code=406)
+    params = request.query_params.multi_items()
+    for name, _ in params:
+        if (study is not None and name in ("StudyInstanceUID", "0020000D")) or (
+            series is not None and name in ("SeriesInstanceUID", "0020000E")
+        ):
+            raise InvalidRequest(f"Invalid query: AttributeId '{name}' is already specified in the path.")
+    search = parse_search(params, resource, ctx.api_version, study, series)
+    partition = await run_in_threadpool(ctx.partition)
+    results = await run_in_threadpool(ctx.services.query.search, partition, search)
+    if not results:
+        return Response(status_code=204)
+    return json_response(request, results)
+
+
+@router.get("/studies", summary="Search for studies")
+async def search_studies(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    return await _search(request, ctx, "studies")
+
+
+@router.get("/series", summary="Search for series")
+async def search_series(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    return await _search(request, ctx, "series")
+
+
+@router.get("/instances", summary="Search for instances")
+async def search_instances(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    return await _search(request, ctx, "instances")
+
+
+@router.get("/studies/{study}/series", summary="Search for series of a study")
+async def search_study_series(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    return await _search(request, ctx, "study-series", study)
+
+
+@router.get("/studies/{study}/instances", summary="Search for instances of a study")
+async def search_study_instances(
+    study: str, request: Request, ctx: RequestContext = Depends(studies_context)
+) -> Response:
+    return await _search(request, ctx, "study-instances", study)
+
+
+@router.get("/studies/{study}/series/{series}/instances", summary="Search for instances of a series")
+async def search_series_instances(
+    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
+) -> Response:
+    return await _search(request, ctx, "series-instances", study, series)

@@ -1,0 +1,147 @@
+"""STOW-RS: ``POST /studies[/{study}]`` (multipart/related or single-part application/dicom)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from dicomhub.api.context import RequestContext, check_uid, studies_context
+from dicomhub.api.media import DICOM, MultipartSpooler, SpooledPart, accepts_dicom_json, stow_boundary
+from dicomhub.api.responses import json_response
+from dicomhub.domain.errors import PayloadTooLarge, UnsupportedMediaType
+from dicomhub.domain.store import StoreResult
+
+router = APIRouter(tags=["STOW-RS"])
+
+MULTIPLE_VALUES_WARNING = (
+    '299 {host}: "One or more indexed Dicom tag(s) have multiple values, only first value is indexed."'
+)
+
+
+@router.post("/studies", summary="Store instances")
+async def store(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    return await _store(request, ctx, None)
+
+
+@router.post("/studies/{study}", summary="Store instances of one study")
+async def store_in_study(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
+    if study.strip():
+        check_uid(study, "StudyInstanceUID")
+    return await _store(request, ctx, study.rstrip(" \0") or None)
+
+
+async def _store(request: Request, ctx: RequestContext, study: str | None) -> Response:
+    if not accepts_dicom_json(request.headers.get("accept")):
+        return Response(status_code=406)
+    blobs = ctx.services.blobs
+    boundary = stow_boundary(request.headers.get("content-type"))
+    parts = await (_spool_single(request, ctx) if boundary is None else _spool_multipart(request, ctx, boundary))
+    try:
+        related = "application/dicom"
+        for part in parts:
+            if (part.content_type or related).strip().lower() != DICOM:
+                raise UnsupportedMediaType(f"The content type '{part.content_type}' of a part is not supported.")
+    except UnsupportedMediaType:
+        for part in parts:
+            blobs.discard_staging(part.path)
+        raise
+    if not parts:
+        return Response(status_code=204)
+    partition = await run_in_threadpool(ctx.partition_for_store)
+    results: list[StoreResult] = []
+    for index, part in enumerate(parts):
+        try:
+            results.append(
+                await run_in_threadpool(ctx.services.store.store, partition, part.path, ctx.api_version, study)
+            )
+        except BaseException:
+            for rest in parts[index + 1 :]:
+                blobs.discard_staging(rest.path)
+            raise
+    status, dataset = stow_response(results, ctx.base_url(), study, ctx.api_version)
+    headers = {}
+    if any(r.multiple_values_indexed for r in results if r.stored):
+        headers["Warning"] = MULTIPLE_VALUES_WARNING.format(host=request.url.hostname)
+    return json_response(request, dataset, status_code=status, headers=headers)
+
+
+async def _spool_single(request: Request, ctx: RequestContext) -> list[SpooledPart]:
+    limit = ctx.services.settings.max_file_size
+    part = SpooledPart(ctx.services.blobs.new_staging_file(), DICOM)
+    try:
+        with open(part.path, "wb") as f:
+            async for chunk in request.stream():
+                part.size += len(chunk)
+                if part.size > limit:
+                    raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+                f.write(chunk)
+    except BaseException:
+        ctx.services.blobs.discard_staging(part.path)
+        raise
+    return [part]
+
+
+async def _spool_multipart(request: Request, ctx: RequestContext, boundary: str) -> list[SpooledPart]:
+    services = ctx.services
+    spooler = MultipartSpooler(boundary, services.blobs.new_staging_file, services.settings.max_file_size)
+    try:
+        return await spooler.consume(request.stream())
+    except BaseException:
+        for part in spooler.parts:
+            services.blobs.discard_staging(part.path)
+        raise
+
+
+def _ui(value: str | None) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def _comments(result: StoreResult) -> dict[str, Any]:
+    items = [{"00000902": {"vr": "LO", "Value": [c]}} for c in result.comments]
+    return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+
+
+def stow_response(
+    results: list[StoreResult], base_url: str, study: str | None, api_version: int
+) -> tuple[int, dict[str, Any]]:
+    """The PS3.18 store response dataset and Azure's status code rules."""
+    stored = [r for r in results if r.stored]
+    failed = [r for r in results if not r.stored]
+    dataset: dict[str, Any] = {}
+    if study and stored:
+        dataset["00081190"] = {"vr": "UR", "Value": [f"{base_url}/studies/{study}"]}
+    if failed:
+        items = []
+        for r in failed:
+            item = {
+                "00081150": _ui(r.sop_class_uid),
+                "00081155": _ui(r.sop_uid),
+                "00081197": {"vr": "US", "Value": [r.failure]},
+            }
+            if r.comments:
+                item["00741048"] = _comments(r)
+            items.append(item)
+        dataset["00081198"] = {"vr": "SQ", "Value": items}
+    if stored:
+        items = []
+        for r in stored:
+            url = f"{base_url}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
+            item: dict[str, Any] = {
+                "00081150": _ui(r.sop_class_uid),
+                "00081155": _ui(r.sop_uid),
+                "00081190": {"vr": "UR", "Value": [url]},
+            }
+            if r.warning is not None:
+                item["00081196"] = {"vr": "US", "Value": [r.warning]}
+            if api_version >= 2:
+                item["00741048"] = _comments(r)
+            items.append(item)
+        dataset["00081199"] = {"vr": "SQ", "Value": items}
+    if not stored:
+        return 409, dataset
+    if failed or (api_version >= 2 and any(r.warning is not None for r in stored)):
+        return 202, dataset
+    return 200, dataset

@@ -1,0 +1,96 @@
+"""Builds the ASGI application: routers under /v{n} and /v{n}/partitions/{name}, middleware, background cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from fastapi import FastAPI
+from prometheus_client import Counter, Histogram
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+
+from dicomhub import __version__
+from dicomhub.api import delete, health, partitions, qido, stow, wado
+from dicomhub.api.errors import install_error_handlers
+from dicomhub.config import Settings
+from dicomhub.services import Services, build_services
+
+log = logging.getLogger("dicomhub.http")
+
+REQUESTS = Counter("dicomhub_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("dicomhub_http_request_seconds", "HTTP request latency", ["method", "route"])
+STUDIES_ROUTERS = (stow.router, wado.router, qido.router, delete.router)
+
+
+async def _cleanup_loop(services: Services) -> None:
+    while True:
+        try:
+            await run_in_threadpool(services.cleanup.run_once)
+        except Exception:
+            log.exception("cleanup pass failed")
+        await asyncio.sleep(services.settings.cleanup_interval_seconds)
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or Settings()
+    services = services or build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services.embedded:
+            rolled_back = await run_in_threadpool(services.cleanup.rollback_unfinished_stores, datetime.now(UTC))
+            if rolled_back:
+                log.warning("rolled back unfinished stores left by a crash", extra={"count": rolled_back})
+        task = asyncio.create_task(_cleanup_loop(services))
+        yield
+        task.cancel()
+
+    app = FastAPI(
+        title="dicomhub",
+        version=__version__,
+        description="DICOMweb archive: STOW-RS, WADO-RS, QIDO-RS and delete, with data partitions.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for router in STUDIES_ROUTERS:
+        app.include_router(router, prefix="/v{version}")
+        app.include_router(router, prefix="/v{version}/partitions/{partition_name}", include_in_schema=False)
+    app.include_router(partitions.router)
+    app.include_router(health.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        REQUESTS.labels(request.method, route, response.status_code).inc()
+        LATENCY.labels(request.method, route).observe(elapsed)
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "ms": round(elapsed * 1000, 2),
+            },
+        )
+        return response
+
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "Content-Location", "Location", "Warning"],
+        )
+    return app

@@ -1,0 +1,47 @@
+"""Settings from environment variables (``DICOMHUB_*``) or an optional ``.env`` file.
+
+Every default is chosen for the embedded mode: SQLite index and files under ``DICOMHUB_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PARTITION = "Microsoft.Default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DICOMHUB_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Folder for the SQLite index and the DICOM files.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the index; default sqlite under data_dir. PostgreSQL: postgresql+psycopg://...",
+    )
+    enable_partitions: bool = Field(False, description="Serve every Studies route under /partitions/{name}/.")
+    max_file_size: int = Field(
+        2 * 1024**3, description="Largest DICOM file or multipart part accepted by STOW (bytes)."
+    )
+    max_transcode_size: int = Field(100 * 1024**2, description="Largest file that may be transcoded or parsed (bytes).")
+    fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
+    cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
+    gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")
+    delete_delay_seconds: float = Field(0.0, description="How long deleted files are kept before cleanup.")
+    cleanup_interval_seconds: float = Field(5.0, description="How often the background cleanup runs.")
+    stale_create_seconds: float = Field(600.0, description="Age after which an unfinished store is rolled back.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_json: bool = Field(True, description="Write logs as JSON lines.")
+
+    @cached_property
+    def index_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.db').resolve()}"
+
+    @cached_property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

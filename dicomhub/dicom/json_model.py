@@ -1,0 +1,40 @@
+"""Datasets as DICOM JSON (PS3.18 Annex F) with bulk-data VRs left out, as Azure's metadata does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_NO_BULK_HANDLER_THRESHOLD = 2**62
+
+
+def element_to_json(elem: DataElement) -> dict[str, Any]:
+    """One element as DICOM JSON; raises ``ValueError`` when its value cannot be represented."""
+    if elem.VR == "SQ":
+        items = [dataset_to_json(item)[0] for item in elem.value]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    return elem.to_json_dict(None, _NO_BULK_HANDLER_THRESHOLD)
+
+
+def dataset_to_json(ds: Dataset, skip: frozenset[int] = frozenset()) -> tuple[dict[str, Any], list[int]]:
+    """Returns the JSON model and the tags whose values could not be converted (left out of the model)."""
+    out: dict[str, Any] = {}
+    unconvertible: list[int] = []
+    for elem in ds:
+        tag = int(elem.tag)
+        if elem.VR in BULK_VRS or tag in skip or elem.tag.element == 0:
+            continue
+        try:
+            out[f"{tag:08X}"] = element_to_json(elem)
+        except (ValueError, TypeError, OverflowError):
+            unconvertible.append(tag)
+    return out, unconvertible
+
+
+def first_value(model: dict[str, Any], tag: int) -> Any:
+    """The first value of a top-level attribute in a JSON model, or ``None``."""
+    values = model.get(f"{tag:08X}", {}).get("Value")
+    return values[0] if values else None

@@ -1,0 +1,1 @@
+"""Use cases of the archive. Nothing here knows about HTTP."""

@@ -1,0 +1,57 @@
+"""The attributes the archive indexes and how QIDO may use them (Azure's searchable-attribute table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomhub.dicom.names import fold
+
+STUDY, SERIES, INSTANCE = "study", "series", "instance"
+LEVEL_ORDER = {STUDY: 0, SERIES: 1, INSTANCE: 2}
+
+
+@dataclass(frozen=True)
+class IndexedAttribute:
+    tag: int
+    keyword: str
+    vr: str
+    level: str
+    column: str | None  # the study/series column the folded value is stored in (None: computed or path UID)
+
+
+CORE_ATTRIBUTES: tuple[IndexedAttribute, ...] = (
+    IndexedAttribute(0x0020000D, "StudyInstanceUID", "UI", STUDY, None),
+    IndexedAttribute(0x00100010, "PatientName", "PN", STUDY, "patient_name"),
+    IndexedAttribute(0x00100020, "PatientID", "LO", STUDY, "patient_id"),
+    IndexedAttribute(0x00100030, "PatientBirthDate", "DA", STUDY, "patient_birth_date"),
+    IndexedAttribute(0x00080050, "AccessionNumber", "SH", STUDY, "accession_number"),
+    IndexedAttribute(0x00080090, "ReferringPhysicianName", "PN", STUDY, "referring_physician_name"),
+    IndexedAttribute(0x00080020, "StudyDate", "DA", STUDY, "study_date"),
+    IndexedAttribute(0x00081030, "StudyDescription", "LO", STUDY, "study_description"),
+    IndexedAttribute(0x00080061, "ModalitiesInStudy", "CS", STUDY, None),
+    IndexedAttribute(0x0020000E, "SeriesInstanceUID", "UI", SERIES, None),
+    IndexedAttribute(0x00080060, "Modality", "CS", SERIES, "modality"),
+    IndexedAttribute(0x00400244, "PerformedProcedureStepStartDate", "DA", SERIES, "pps_start_date"),
+    IndexedAttribute(0x00081090, "ManufacturerModelName", "LO", SERIES, "manufacturer_model_name"),
+    IndexedAttribute(0x00080018, "SOPInstanceUID", "UI", INSTANCE, None),
+)
+BY_TAG = {a.tag: a for a in CORE_ATTRIBUTES}
+
+STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID, PATIENT_ID = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016, 0x00100020
+REQUIRED_UIDS = (STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID)
+
+# Computed attributes (PS3.18 / Azure): returned when asked for, never stored.
+NUMBER_OF_STUDY_RELATED_SERIES = 0x00201206
+NUMBER_OF_STUDY_RELATED_INSTANCES = 0x00201208
+NUMBER_OF_SERIES_RELATED_INSTANCES = 0x00201209
+MODALITIES_IN_STUDY = 0x00080061
+
+
+def fold_value(attribute: IndexedAttribute, value: str) -> str:
+    """The form a value is indexed and compared in: padding stripped, upper-case, PN without accents."""
+    value = value.rstrip("\0 ")
+    if attribute.vr == "PN":
+        return fold(value)
+    if attribute.vr in ("UI", "DA"):
+        return value
+    return value.upper()

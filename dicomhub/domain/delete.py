@@ -1,0 +1,23 @@
+"""Delete of a study, series or instance. Files go through a durable cleanup queue, not inline."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from dicomhub.config import Settings
+from dicomhub.domain.errors import ResourceNotFound
+from dicomhub.index.records import Partition
+from dicomhub.index.repository import Index
+
+
+class DeleteService:
+    def __init__(self, index: Index, settings: Settings) -> None:
+        self.index = index
+        self.delay = timedelta(seconds=settings.delete_delay_seconds)
+
+    def delete(self, partition: Partition, study: str, series: str | None = None, sop: str | None = None) -> int:
+        count = self.index.delete(partition.key, study, series, sop, self.delay)
+        if not count:
+            level = "instance" if sop is not None else "series" if series is not None else "study"
+            raise ResourceNotFound(f"The specified {level} cannot be found.")
+        return count

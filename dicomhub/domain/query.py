@@ -1,0 +1,340 @@
+"""QIDO: parse a search request into index filters (Azure's rules, plus PS3.18 wildcards and UID lists) and build
+the response datasets from the stored metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+
+from dicomhub.dicom.names import name_words
+from dicomhub.dicom.tags import parse_attribute_id, tag_key
+from dicomhub.dicom.uids import normalize_uid
+from dicomhub.domain.attributes import (
+    BY_TAG,
+    INSTANCE,
+    MODALITIES_IN_STUDY,
+    NUMBER_OF_SERIES_RELATED_INSTANCES,
+    NUMBER_OF_STUDY_RELATED_INSTANCES,
+    NUMBER_OF_STUDY_RELATED_SERIES,
+    SERIES,
+    SERIES_UID,
+    SOP_UID,
+    STUDY,
+    STUDY_UID,
+    fold_value,
+)
+from dicomhub.domain.errors import InvalidRequest
+from dicomhub.index import qido
+from dicomhub.index.records import Partition, QidoQuery, QueryFilter
+from dicomhub.index.repository import Index
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 100
+
+
+def _tags(*keywords: str) -> tuple[int, ...]:
+    return tuple(int(tag_for_keyword(k)) for k in keywords)
+
+
+DEFAULTS_V2 = {
+    STUDY: _tags(
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyDescription",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+    ),
+    SERIES: _tags("SeriesInstanceUID", "Modality", "PerformedProcedureStepStartDate", "ManufacturerModelName"),
+    INSTANCE: _tags("SOPInstanceUID"),
+}
+DEFAULTS_V1 = {
+    STUDY: _tags(
+        "SpecificCharacterSet",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "InstanceAvailability",
+        "ReferringPhysicianName",
+        "TimezoneOffsetFromUTC",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "StudyInstanceUID",
+    ),
+    SERIES: _tags(
+        "SpecificCharacterSet",
+        "Modality",
+        "TimezoneOffsetFromUTC",
+        "SeriesDescription",
+        "SeriesInstanceUID",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "RequestAttributesSequence",
+    ),
+    INSTANCE: _tags(
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "InstanceAvailability",
+        "TimezoneOffsetFromUTC",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "NumberOfFrames",
+    ),
+}
+ALL_EXTRAS = {
+    STUDY: _tags(
+        "StudyDescription",
+        "AnatomicRegionsInStudyCodeSequence",
+        "ProcedureCodeSequence",
+        "NameOfPhysiciansReadingStudy",
+        "AdmittingDiagnosesDescription",
+        "ReferencedStudySequence",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "Occupation",
+        "AdditionalPatientHistory",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ),
+    SERIES: _tags("SeriesNumber", "Laterality", "SeriesDate", "SeriesTime", "NumberOfSeriesRelatedInstances"),
+    INSTANCE: (),
+}
+COMPUTED = {
+    MODALITIES_IN_STUDY,
+    NUMBER_OF_STUDY_RELATED_SERIES,
+    NUMBER_OF_STUDY_RELATED_INSTANCES,
+    NUMBER_OF_SERIES_RELATED_INSTANCES,
+}
+
+# resource -> (result level, levels whose attributes may filter, levels whose default attributes are returned)
+RESOURCES = {
+    "studies": (STUDY, {STUDY}, (STUDY,)),
+    "series": (SERIES, {STUDY, SERIES}, (STUDY, SERIES)),
+    "instances": (INSTANCE, {STUDY, SERIES, INSTANCE}, (STUDY, SERIES, INSTANCE)),
+    "study-series": (SERIES, {SERIES}, (SERIES,)),
+    "study-instances": (INSTANCE, {SERIES, INSTANCE}, (SERIES, INSTANCE)),
+    "series-instances": (INSTANCE, {INSTANCE}, (INSTANCE,)),
+}
+_CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
+_DATE = re.compile(r"^\d{8}$")
+
+
+@dataclass
+class SearchRequest:
+    resource: str
+    api_version: int
+    filters: list[QueryFilter] = field(default_factory=list)
+    filter_tags: list[int] = field(default_factory=list)
+    include: set[int] = field(default_factory=set)
+    include_all: bool = False
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+
+def _invalid(name: str, detail: str) -> InvalidRequest:
+    return InvalidRequest(f"The query parameter '{name}' is invalid. {detail}")
+
+
+def parse_search(
+    params: list[tuple[str, str]],
+    resource: str,
+    api_version: int,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> SearchRequest:
+    """Turns query parameters (in order, repeats kept) into a :class:`SearchRequest`; raises InvalidRequest."""
+    _, filter_levels, _ = RESOURCES[resource]
+    request = SearchRequest(resource, api_version)
+    fuzzy = False
+    seen_names: set[str] = set()
+    seen_tags: set[int] = set()
+    raw_filters: list[tuple[int, str, str]] = []
+    for name, value in params:
+        lower = name.lower()
+        if lower in _CONTROL_PARAMS:
+            if lower == "includefield":
+                _parse_includefield(request, value)
+            elif lower == "limit":
+                request.limit = _parse_int(name, value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
+            elif lower == "offset":
+                request.offset = _parse_int(name, value, 0, 2**62, "The field Offset must be 0 or greater.")
+            else:
+                if value.lower() not in ("true", "false"):
+                    raise _invalid(name, "The value must be 'true' or 'false'.")
+                fuzzy = value.lower() == "true"
+            continue
+        if name in seen_names:
+            raise InvalidRequest(f"Duplicate AttributeId '{name}'. Each attribute is only supported once.")
+        seen_names.add(name)
+        tag = parse_attribute_id(name)
+        if tag is None:
+            raise InvalidRequest(
+                f"Invalid query: unknown query parameter '{name}'. "
+                "If the parameter is an attribute keyword, check the casing."
+            )
+        if tag in seen_tags:
+            raise InvalidRequest(f"Invalid query: AttributeId '{name}' is specified more than once.")
+        seen_tags.add(tag)
+        attribute = BY_TAG.get(tag)
+        if attribute is None or attribute.level not in filter_levels:
+            raise InvalidRequest(f"Invalid query: AttributeId {name} is not queryable. ")
+        if not value.strip():
+            raise InvalidRequest(f"Invalid query: AttributeId '{name}' has empty string value that is not supported.")
+        raw_filters.append((tag, name, value))
+    for tag, name, value in raw_filters:
+        request.filters.append(_filter(tag, name, value, fuzzy))
+        request.filter_tags.append(tag)
+    if study_uid is not None:
+        request.filters.append(QueryFilter(STUDY_UID, "exact", (normalize_uid(study_uid),)))
+        request.filter_tags.append(STUDY_UID)
+    if series_uid is not None:
+        request.filters.append(QueryFilter(SERIES_UID, "exact", (normalize_uid(series_uid),)))
+        request.filter_tags.append(SERIES_UID)
+    return request
+
+
+def _parse_int(name: str, value: str, low: int, high: int, detail: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise _invalid(name, detail) from None
+    if not low <= number <= high:
+        raise _invalid(name, detail)
+    return number
+
+
+def _parse_includefield(request: SearchRequest, value: str) -> None:
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        if item.lower() == "all":
+            request.include_all = True
+            continue
+        tag = parse_attribute_id(item)
+        if tag is None:
+            raise _invalid("includefield", f"The attribute '{item}' in includefield is unknown.")
+        request.include.add(tag)
+    if request.include_all and request.include:
+        raise _invalid("includefield", "The query cannot specify included fields in addition to 'all'.")
+
+
+def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
+    attribute = BY_TAG[tag]
+    value = value.rstrip("\0")
+    if attribute.vr == "UI":
+        uids = [normalize_uid(v) for v in re.split(r"[,\\]", value) if v.strip()]
+        return QueryFilter(tag, "list", tuple(uids)) if len(uids) > 1 else QueryFilter(tag, "exact", (uids[0],))
+    if attribute.vr == "DA":
+        if "-" in value:
+            low, _, high = value.partition("-")
+            low, high = low.strip(), high.strip()
+            if not low and not high:
+                raise InvalidRequest(f"Invalid query: Both parts in the range cannot be empty for attribute '{name}'.")
+            for part in (p for p in (low, high) if p):
+                _check_date(part, name)
+            if low and high and low > high:
+                raise InvalidRequest(
+                    f"Invalid query: The start of the range '{low}' is after its end '{high}' for attribute '{name}'."
+                )
+            return QueryFilter(tag, "range", low=low, high=high)
+        _check_date(value, name)
+        return QueryFilter(tag, "exact", (value,))
+    if tag == MODALITIES_IN_STUDY:
+        values = [v.strip().upper() for v in re.split(r"[,\\]", value) if v.strip()]
+        return QueryFilter(tag, "list", tuple(values)) if len(values) > 1 else _string_filter(tag, values[0])
+    if attribute.vr == "PN" and fuzzy:
+        if '"' in value:
+            raise InvalidRequest(f"Invalid query: the value of '{name}' contains a '\"', which fuzzy matching rejects.")
+        return QueryFilter(tag, "fuzzy", tuple(name_words(value)))
+    return _string_filter(tag, fold_value(attribute, value))
+
+
+def _string_filter(tag: int, folded: str) -> QueryFilter:
+    return QueryFilter(tag, "wildcard" if ("*" in folded or "?" in folded) else "exact", (folded,))
+
+
+def _check_date(value: str, name: str) -> None:
+    try:
+        if not _DATE.match(value):
+            raise ValueError
+        datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid query: specified Date value '{value}' is invalid for attribute '{name}'. "
+            "Date should be valid and formatted as yyyyMMdd."
+        ) from None
+
+
+class QueryService:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def search(self, partition: Partition, request: SearchRequest) -> list[dict[str, Any]]:
+        level, _, return_levels = RESOURCES[request.resource]
+        rows = qido.search(
+            self.index,
+            QidoQuery(level, partition.key, tuple(request.filters), request.limit, request.offset),
+        )
+        if not rows:
+            return []
+        wanted = self._wanted_tags(request, return_levels)
+        documents = self.index.metadata_by_watermark([r.watermark for r in rows])
+        study_stats = (
+            qido.study_counts(self.index, [r.study_key for r in rows]) if level == STUDY and wanted & COMPUTED else {}
+        )
+        series_stats = (
+            qido.series_counts(self.index, [r.series_key for r in rows if r.series_key is not None])
+            if level == SERIES and NUMBER_OF_SERIES_RELATED_INSTANCES in wanted
+            else {}
+        )
+        results = []
+        for row in rows:
+            model = json.loads(documents.get(row.watermark, "{}"))
+            out = {key: model[key] for key in sorted(tag_key(t) for t in wanted) if key in model}
+            if row.study_key in study_stats:
+                n_series, n_instances, modalities = study_stats[row.study_key]
+                if NUMBER_OF_STUDY_RELATED_SERIES in wanted:
+                    out[tag_key(NUMBER_OF_STUDY_RELATED_SERIES)] = {"vr": "IS", "Value": [n_series]}
+                if NUMBER_OF_STUDY_RELATED_INSTANCES in wanted:
+                    out[tag_key(NUMBER_OF_STUDY_RELATED_INSTANCES)] = {"vr": "IS", "Value": [n_instances]}
+                if MODALITIES_IN_STUDY in wanted and modalities:
+                    out[tag_key(MODALITIES_IN_STUDY)] = {"vr": "CS", "Value": modalities}
+            if row.series_key in series_stats and NUMBER_OF_SERIES_RELATED_INSTANCES in wanted:
+                out[tag_key(NUMBER_OF_SERIES_RELATED_INSTANCES)] = {"vr": "IS", "Value": [series_stats[row.series_key]]}
+            results.append(dict(sorted(out.items())))
+        return results
+
+    @staticmethod
+    def _wanted_tags(request: SearchRequest, return_levels: tuple[str, ...]) -> set[int]:
+        defaults = DEFAULTS_V1 if request.api_version < 2 or request.include_all else DEFAULTS_V2
+        wanted: set[int] = set()
+        for lvl in return_levels:
+            wanted.update(defaults[lvl])
+            if request.include_all:
+                wanted.update(ALL_EXTRAS[lvl])
+        wanted.update(request.include)
+        wanted.update(request.filter_tags)
+        level = RESOURCES[request.resource][0]
+        wanted.update(
+            {STUDY_UID}
+            if level == STUDY
+            else {STUDY_UID, SERIES_UID}
+            if level == SERIES
+            else {STUDY_UID, SERIES_UID, SOP_UID}
+        )
+        return wanted

@@ -1,0 +1,1 @@
+"""The metadata index: one interface over SQLite and PostgreSQL."""

@@ -1,0 +1,144 @@
+"""QIDO-RS compiled to SQL: each filter becomes a condition on an indexed, pre-folded column."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, and_, exists, func, select
+
+from dicomhub.index.records import QidoQuery, QidoRow, QueryFilter
+from dicomhub.index.repository import Index
+from dicomhub.index.schema import (
+    INSTANCE_CREATED,
+    NAME_PATIENT,
+    NAME_REFERRING_PHYSICIAN,
+    instance,
+    name_word,
+    series,
+    study,
+)
+
+MODALITIES_IN_STUDY = 0x00080061
+
+COLUMNS = {
+    0x0020000D: study.c.study_uid,
+    0x00100010: study.c.patient_name,
+    0x00100020: study.c.patient_id,
+    0x00100030: study.c.patient_birth_date,
+    0x00080050: study.c.accession_number,
+    0x00080090: study.c.referring_physician_name,
+    0x00080020: study.c.study_date,
+    0x00081030: study.c.study_description,
+    0x0020000E: series.c.series_uid,
+    0x00080060: series.c.modality,
+    0x00400244: series.c.pps_start_date,
+    0x00081090: series.c.manufacturer_model_name,
+    0x00080018: instance.c.sop_uid,
+}
+NAME_ATTRIBUTES = {0x00100010: NAME_PATIENT, 0x00080090: NAME_REFERRING_PHYSICIAN}
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _value_condition(column, flt: QueryFilter) -> ColumnElement[bool]:
+    if flt.match == "wildcard":
+        return column.like(_like_pattern(flt.values[0]), escape="\\")
+    if flt.match == "list":
+        return column.in_(flt.values)
+    if flt.match == "range":
+        parts = []
+        if flt.low:
+            parts.append(column >= flt.low)
+        if flt.high:
+            parts.append(column <= flt.high)
+        return and_(*parts)
+    return column == flt.values[0]
+
+
+def _condition(flt: QueryFilter) -> ColumnElement[bool]:
+    if flt.tag == MODALITIES_IN_STUDY:
+        return exists().where((series.c.study_key == study.c.study_key) & _value_condition(series.c.modality, flt))
+    if flt.match == "fuzzy":
+        attribute = NAME_ATTRIBUTES[flt.tag]
+        return and_(
+            *(
+                exists().where(
+                    (name_word.c.study_key == study.c.study_key)
+                    & (name_word.c.attribute == attribute)
+                    & name_word.c.word.like(_like_pattern(word) + "%", escape="\\")
+                )
+                for word in flt.values
+            )
+        )
+    return _value_condition(COLUMNS[flt.tag], flt)
+
+
+def search(index: Index, query: QidoQuery) -> list[QidoRow]:
+    """Rows matching ``query``, newest first, one page."""
+    conditions = [_condition(f) for f in query.filters]
+    if query.level == "study":
+        stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
+        stmt = stmt.where(study.c.partition_key == query.partition_key)
+        order = study.c.watermark
+    elif query.level == "series":
+        stmt = select(series.c.study_key, series.c.series_key, series.c.watermark.label("wm"))
+        stmt = stmt.join(study, study.c.study_key == series.c.study_key).where(
+            series.c.partition_key == query.partition_key
+        )
+        order = series.c.watermark
+    else:
+        stmt = select(instance.c.study_key, instance.c.series_key, instance.c.watermark.label("wm"))
+        stmt = (
+            stmt.join(series, series.c.series_key == instance.c.series_key)
+            .join(study, study.c.study_key == instance.c.study_key)
+            .where((instance.c.partition_key == query.partition_key) & (instance.c.status == INSTANCE_CREATED))
+        )
+        order = instance.c.watermark
+    stmt = stmt.where(*conditions).order_by(order.desc()).limit(query.limit).offset(query.offset)
+    with index.read() as conn:
+        rows = conn.execute(stmt).all()
+    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2]) for r in rows]
+
+
+def study_counts(index: Index, study_keys: Sequence[int]) -> dict[int, tuple[int, int, list[str]]]:
+    """study_key -> (number of series, number of instances, modalities)."""
+    if not study_keys:
+        return {}
+    with index.read() as conn:
+        series_rows = conn.execute(
+            select(series.c.study_key, series.c.modality).where(series.c.study_key.in_(list(study_keys)))
+        ).all()
+        instance_rows = conn.execute(
+            select(instance.c.study_key, func.count())
+            .where(instance.c.study_key.in_(list(study_keys)) & (instance.c.status == INSTANCE_CREATED))
+            .group_by(instance.c.study_key)
+        ).all()
+    result: dict[int, tuple[int, int, list[str]]] = {}
+    modalities: dict[int, list[str]] = defaultdict(list)
+    series_count: dict[int, int] = defaultdict(int)
+    for key, modality in series_rows:
+        series_count[key] += 1
+        if modality and modality not in modalities[key]:
+            modalities[key].append(modality)
+    for key, count in instance_rows:
+        result[key] = (series_count[key], count, sorted(modalities[key]))
+    return result
+
+
+def series_counts(index: Index, series_keys: Sequence[int]) -> dict[int, int]:
+    if not series_keys:
+        return {}
+    with index.read() as conn:
+        rows = conn.execute(
+            select(instance.c.series_key, func.count())
+            .where(instance.c.series_key.in_(list(series_keys)) & (instance.c.status == INSTANCE_CREATED))
+            .group_by(instance.c.series_key)
+        ).all()
+    return {k: c for k, c in rows}
+
+
+__all__ = ["COLUMNS", "MODALITIES_IN_STUDY", "search", "series_counts", "study_counts"]

@@ -1,0 +1,406 @@
+"""The index: every read and write of archive state goes through :class:`Index`.
+
+Writes that change what clients see (instance created, instances deleted) happen in one transaction together with
+their change-feed rows, so the feed and the index never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from dicomhub.index.records import NewInstance, Partition, PendingCreate, StoredInstance
+from dicomhub.index.schema import (
+    CHANGE_CREATE,
+    CHANGE_DELETE,
+    INSTANCE_CREATED,
+    INSTANCE_CREATING,
+    NAME_PATIENT,
+    NAME_REFERRING_PHYSICIAN,
+    blob_cleanup,
+    change_feed,
+    instance,
+    instance_metadata,
+    name_word,
+    partition,
+    series,
+    study,
+    watermark_allocator,
+)
+
+
+class InstanceExists(Exception):
+    """A row for these UIDs exists already; ``creating`` tells whether another store is still writing it."""
+
+    def __init__(self, creating: bool) -> None:
+        super().__init__("instance exists")
+        self.creating = creating
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Index:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._partitions: dict[str, Partition] = {}
+
+    # -- transactions -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _greatest(self, a, b):
+        return func.greatest(a, b) if self.dialect == "postgresql" else func.max(a, b)
+
+    def ping(self) -> None:
+        with self.read() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # -- partitions ---------------------------------------------------------------------------------------------
+    def get_partition(self, name: str) -> Partition | None:
+        cached = self._partitions.get(name)
+        if cached:
+            return cached
+        with self.read() as conn:
+            row = conn.execute(select(partition).where(partition.c.name == name)).first()
+        if row is None:
+            return None
+        found = Partition(row.partition_key, row.name, row.created_at)
+        self._partitions[name] = found
+        return found
+
+    def ensure_partition(self, name: str) -> Partition:
+        existing = self.get_partition(name)
+        if existing:
+            return existing
+        with self._write() as conn:
+            stmt = self._insert(partition).values(name=name, created_at=_now()).on_conflict_do_nothing()
+            conn.execute(stmt)
+        found = self.get_partition(name)
+        assert found is not None
+        return found
+
+    def list_partitions(self) -> list[Partition]:
+        with self.read() as conn:
+            rows = conn.execute(select(partition).order_by(partition.c.partition_key)).all()
+        return [Partition(r.partition_key, r.name, r.created_at) for r in rows]
+
+    # -- store --------------------------------------------------------------------------------------------------
+    def begin_create(
+        self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str, stale_before: datetime
+    ) -> int:
+        """Reserves the UIDs with a ``creating`` row and returns the new watermark.
+
+        Raises :class:`InstanceExists` when the instance exists or another store is writing it. A ``creating`` row
+        older than ``stale_before`` was left by a crashed process and is taken over.
+        """
+        keys = (
+            (instance.c.partition_key == partition_key)
+            & (instance.c.study_uid == study_uid)
+            & (instance.c.series_uid == series_uid)
+            & (instance.c.sop_uid == sop_uid)
+        )
+        with self._write() as conn:
+            watermark = conn.execute(
+                insert(watermark_allocator).returning(watermark_allocator.c.watermark)
+            ).scalar_one()
+            row = conn.execute(select(instance.c.status, instance.c.created_at).where(keys)).first()
+            if row is not None:
+                created_at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+                if row.status != INSTANCE_CREATING or created_at >= stale_before:
+                    raise InstanceExists(creating=row.status == INSTANCE_CREATING)
+                conn.execute(delete(instance).where(keys))
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        insert(instance).values(
+                            partition_key=partition_key,
+                            study_uid=study_uid,
+                            series_uid=series_uid,
+                            sop_uid=sop_uid,
+                            watermark=watermark,
+                            status=INSTANCE_CREATING,
+                            created_at=_now(),
+                        )
+                    )
+            except IntegrityError as exc:
+                raise InstanceExists(creating=True) from exc
+        return watermark
+
+    def abort_create(self, watermark: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                delete(instance).where((instance.c.watermark == watermark) & (instance.c.status == INSTANCE_CREATING))
+            )
+
+    def complete_create(self, new: NewInstance) -> None:
+        """Makes the instance visible: study/series rows, metadata, name words and the change-feed entry."""
+        with self._write() as conn:
+            study_key = self._upsert_level(
+                conn,
+                study,
+                ["partition_key", "study_uid"],
+                {"partition_key": new.partition_key, "study_uid": new.study_uid, **new.study_values},
+                new.watermark,
+                study.c.study_key,
+            )
+            series_key = self._upsert_level(
+                conn,
+                series,
+                ["study_key", "series_uid"],
+                {
+                    "partition_key": new.partition_key,
+                    "study_key": study_key,
+                    "series_uid": new.series_uid,
+                    **new.series_values,
+                },
+                new.watermark,
+                series.c.series_key,
+            )
+            conn.execute(
+                update(instance)
+                .where(instance.c.watermark == new.watermark)
+                .values(
+                    status=INSTANCE_CREATED,
+                    study_key=study_key,
+                    series_key=series_key,
+                    sop_class_uid=new.sop_class_uid,
+                    transfer_syntax_uid=new.transfer_syntax_uid,
+                    blob_key=new.blob_key,
+                    file_size=new.file_size,
+                    frame_count=new.frame_count,
+                    frames=new.frames_json,
+                )
+            )
+            conn.execute(insert(instance_metadata).values(watermark=new.watermark, json=new.metadata_json))
+            words = [(NAME_PATIENT, w) for w in new.patient_name_words] + [
+                (NAME_REFERRING_PHYSICIAN, w) for w in new.referring_physician_words
+            ]
+            if words:
+                conn.execute(
+                    self._insert(name_word).on_conflict_do_nothing(),
+                    [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words],
+                )
+            conn.execute(
+                insert(change_feed).values(
+                    timestamp=_now(),
+                    action=CHANGE_CREATE,
+                    partition_key=new.partition_key,
+                    study_uid=new.study_uid,
+                    series_uid=new.series_uid,
+                    sop_uid=new.sop_uid,
+                    original_watermark=new.watermark,
+                    current_watermark=new.watermark,
+                )
+            )
+
+    def _upsert_level(self, conn: Connection, table, conflict: list[str], values: dict, watermark: int, key_col) -> int:
+        """Insert-or-update of a study or series row: the newest instance's non-empty values win."""
+        stmt = self._insert(table).values(**values, watermark=watermark)
+        updates = {
+            name: func.coalesce(stmt.excluded[name], table.c[name])
+            for name in values
+            if name not in conflict and name != "partition_key"
+        }
+        updates["watermark"] = self._greatest(table.c.watermark, stmt.excluded.watermark)
+        stmt = stmt.on_conflict_do_update(index_elements=conflict, set_=updates).returning(key_col)
+        return conn.execute(stmt).scalar_one()
+
+    def stale_creates(self, before: datetime) -> list[PendingCreate]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(
+                    instance.c.partition_key,
+                    instance.c.study_uid,
+                    instance.c.series_uid,
+                    instance.c.sop_uid,
+                    instance.c.watermark,
+                ).where((instance.c.status == INSTANCE_CREATING) & (instance.c.created_at < before))
+            ).all()
+        return [PendingCreate(*r) for r in rows]
+
+    # -- retrieve -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _scope(partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None):
+        cond = (
+            (instance.c.partition_key == partition_key)
+            & (instance.c.study_uid == study_uid)
+            & (instance.c.status == INSTANCE_CREATED)
+        )
+        if series_uid is not None:
+            cond &= instance.c.series_uid == series_uid
+        if sop_uid is not None:
+            cond &= instance.c.sop_uid == sop_uid
+        return cond
+
+    def find_instances(
+        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[StoredInstance]:
+        cols = [
+            instance.c.watermark,
+            instance.c.study_uid,
+            instance.c.series_uid,
+            instance.c.sop_uid,
+            instance.c.sop_class_uid,
+            instance.c.transfer_syntax_uid,
+            instance.c.blob_key,
+            instance.c.file_size,
+            instance.c.frame_count,
+            instance.c.frames,
+        ]
+        with self.read() as conn:
+            rows = conn.execute(
+                select(*cols)
+                .where(self._scope(partition_key, study_uid, series_uid, sop_uid))
+                .order_by(instance.c.series_uid, instance.c.watermark)
+            ).all()
+        return [StoredInstance(*row) for row in rows]
+
+    def metadata_version(
+        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> tuple[int, int]:
+        """(max watermark, instance count) of a scope: what its metadata ETag is made of."""
+        with self.read() as conn:
+            row = conn.execute(
+                select(func.max(instance.c.watermark), func.count()).where(
+                    self._scope(partition_key, study_uid, series_uid, sop_uid)
+                )
+            ).one()
+        return int(row[0] or 0), int(row[1])
+
+    def metadata(
+        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[str]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(instance_metadata.c.json)
+                .join(instance, instance.c.watermark == instance_metadata.c.watermark)
+                .where(self._scope(partition_key, study_uid, series_uid, sop_uid))
+                .order_by(instance.c.series_uid, instance.c.watermark)
+            ).all()
+        return [r.json for r in rows]
+
+    def metadata_by_watermark(self, watermarks: Sequence[int]) -> dict[int, str]:
+        if not watermarks:
+            return {}
+        with self.read() as conn:
+            rows = conn.execute(
+                select(instance_metadata.c.watermark, instance_metadata.c.json).where(
+                    instance_metadata.c.watermark.in_(list(watermarks))
+                )
+            ).all()
+        return {r.watermark: r.json for r in rows}
+
+    # -- delete -------------------------------------------------------------------------------------------------
+    def delete(
+        self, partition_key: int, study_uid: str, series_uid: str | None, sop_uid: str | None, delete_after: timedelta
+    ) -> int:
+        """Deletes the instances in scope, their empty series/study rows, queues their files; returns the count."""
+        with self._write() as conn:
+            victims = conn.execute(
+                select(
+                    instance.c.watermark,
+                    instance.c.study_key,
+                    instance.c.series_key,
+                    instance.c.blob_key,
+                    instance.c.study_uid,
+                    instance.c.series_uid,
+                    instance.c.sop_uid,
+                ).where(self._scope(partition_key, study_uid, series_uid, sop_uid))
+            ).all()
+            if not victims:
+                return 0
+            watermarks = [v.watermark for v in victims]
+            for chunk in _chunks(watermarks, 500):
+                conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
+                conn.execute(delete(instance).where(instance.c.watermark.in_(chunk)))
+            now = _now()
+            conn.execute(
+                insert(change_feed),
+                [
+                    {
+                        "timestamp": now,
+                        "action": CHANGE_DELETE,
+                        "partition_key": partition_key,
+                        "study_uid": v.study_uid,
+                        "series_uid": v.series_uid,
+                        "sop_uid": v.sop_uid,
+                        "original_watermark": v.watermark,
+                        "current_watermark": None,
+                    }
+                    for v in victims
+                ],
+            )
+            conn.execute(
+                insert(blob_cleanup),
+                [{"blob_key": v.blob_key, "delete_after": now + delete_after, "attempts": 0} for v in victims],
+            )
+            for series_key in {v.series_key for v in victims}:
+                self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key)
+            for study_key in {v.study_key for v in victims}:
+                self._refresh_level(conn, study, study.c.study_key, instance.c.study_key, study_key)
+            return len(victims)
+
+    @staticmethod
+    def _refresh_level(conn: Connection, table, key_col, instance_fk, key: int) -> int | None:
+        """After a delete: drops a study/series row left empty, else moves its watermark to the newest remaining."""
+        latest = conn.execute(
+            select(func.max(instance.c.watermark)).where((instance_fk == key) & (instance.c.status == INSTANCE_CREATED))
+        ).scalar()
+        if latest is None:
+            if table is study:
+                conn.execute(delete(name_word).where(name_word.c.study_key == key))
+            conn.execute(delete(table).where(key_col == key))
+        else:
+            conn.execute(update(table).where(key_col == key).values(watermark=latest))
+        return latest
+
+    def due_blob_cleanups(self, limit: int = 100) -> list[tuple[int, str]]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(blob_cleanup.c.id, blob_cleanup.c.blob_key)
+                .where(blob_cleanup.c.delete_after <= _now())
+                .order_by(blob_cleanup.c.id)
+                .limit(limit)
+            ).all()
+        return [(r.id, r.blob_key) for r in rows]
+
+    def finish_blob_cleanups(self, ids: Sequence[int]) -> None:
+        with self._write() as conn:
+            conn.execute(delete(blob_cleanup).where(blob_cleanup.c.id.in_(list(ids))))
+
+    def retry_blob_cleanup(self, cleanup_id: int, after: timedelta) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(blob_cleanup)
+                .where(blob_cleanup.c.id == cleanup_id)
+                .values(attempts=blob_cleanup.c.attempts + 1, delete_after=_now() + after)
+            )
+
+    # -- diagnostics --------------------------------------------------------------------------------------------
+    def created_blob_keys(self) -> list[str]:
+        with self.read() as conn:
+            return [
+                r.blob_key
+                for r in conn.execute(select(instance.c.blob_key).where(instance.c.status == INSTANCE_CREATED))
+            ]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

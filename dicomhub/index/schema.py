@@ -1,0 +1,165 @@
+"""The index schema (SQLAlchemy Core). Alembic migrations under ``migrations/`` create and evolve it.
+
+Every row carries ``partition_key``. Matching columns hold values already folded for comparison (upper-case,
+accent-free for person names, padding stripped); responses are built from the stored DICOM JSON, not from them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+Key = BigInteger().with_variant(Integer, "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+partition = Table(
+    "partition",
+    metadata,
+    Column("partition_key", Key, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+watermark_allocator = Table(
+    "watermark_allocator",
+    metadata,
+    Column("watermark", Key, primary_key=True, autoincrement=True),
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("study_key", Key, primary_key=True, autoincrement=True),
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("watermark", Key, nullable=False),
+    Column("patient_id", String(64)),
+    Column("patient_name", String(324)),
+    Column("patient_birth_date", String(8)),
+    Column("accession_number", String(64)),
+    Column("referring_physician_name", String(324)),
+    Column("study_date", String(8)),
+    Column("study_description", String(64)),
+    UniqueConstraint("partition_key", "study_uid"),
+    Index(None, "partition_key", "watermark"),
+    Index(None, "partition_key", "patient_id"),
+    Index(None, "partition_key", "patient_name"),
+    Index(None, "partition_key", "study_date"),
+    Index(None, "partition_key", "accession_number"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_key", Key, primary_key=True, autoincrement=True),
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
+    Column("study_key", Key, ForeignKey("study.study_key"), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("watermark", Key, nullable=False),
+    Column("modality", String(16)),
+    Column("pps_start_date", String(8)),
+    Column("manufacturer_model_name", String(64)),
+    UniqueConstraint("study_key", "series_uid"),
+    Index(None, "partition_key", "watermark"),
+    Index(None, "partition_key", "series_uid"),
+    Index(None, "partition_key", "modality"),
+)
+
+INSTANCE_CREATING = 0
+INSTANCE_CREATED = 1
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("instance_key", Key, primary_key=True, autoincrement=True),
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("watermark", Key, nullable=False, unique=True),
+    Column("status", SmallInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("study_key", Key, ForeignKey("study.study_key")),
+    Column("series_key", Key, ForeignKey("series.series_key")),
+    Column("sop_class_uid", String(64)),
+    Column("transfer_syntax_uid", String(64)),
+    Column("blob_key", String(512)),
+    Column("file_size", BigInteger),
+    Column("frame_count", Integer),
+    Column("frames", Text),
+    UniqueConstraint("partition_key", "study_uid", "series_uid", "sop_uid"),
+    Index(None, "study_key", "watermark"),
+    Index(None, "series_key", "watermark"),
+    Index(None, "partition_key", "sop_uid"),
+    Index(None, "status", "created_at"),
+)
+
+instance_metadata = Table(
+    "instance_metadata",
+    metadata,
+    Column("watermark", Key, primary_key=True, autoincrement=False),
+    Column("json", Text, nullable=False),
+)
+
+NAME_PATIENT = 1
+NAME_REFERRING_PHYSICIAN = 2
+
+name_word = Table(
+    "name_word",
+    metadata,
+    Column("study_key", Key, ForeignKey("study.study_key"), nullable=False),
+    Column("attribute", SmallInteger, nullable=False),
+    Column("word", String(64), nullable=False),
+    UniqueConstraint("study_key", "attribute", "word"),
+    Index(None, "attribute", "word"),
+)
+
+CHANGE_CREATE = 0
+CHANGE_DELETE = 1
+CHANGE_UPDATE = 2
+
+change_feed = Table(
+    "change_feed",
+    metadata,
+    Column("sequence", Key, primary_key=True, autoincrement=True),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("action", SmallInteger, nullable=False),
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("original_watermark", Key, nullable=False),
+    Column("current_watermark", Key),
+    Index(None, "timestamp"),
+    Index(None, "partition_key", "study_uid", "series_uid", "sop_uid"),
+)
+
+blob_cleanup = Table(
+    "blob_cleanup",
+    metadata,
+    Column("id", Key, primary_key=True, autoincrement=True),
+    Column("blob_key", String(512), nullable=False),
+    Column("delete_after", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Index(None, "delete_after"),
+)

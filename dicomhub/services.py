@@ -1,0 +1,56 @@
+"""Wiring: builds the storage backends and domain services from settings, once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pydicom.config
+
+from dicomhub.blobs.base import BlobStore
+from dicomhub.blobs.filesystem import FileSystemBlobStore
+from dicomhub.config import Settings
+from dicomhub.domain.cleanup import CleanupService
+from dicomhub.domain.delete import DeleteService
+from dicomhub.domain.query import QueryService
+from dicomhub.domain.retrieve import RetrieveService
+from dicomhub.domain.store import StoreService
+from dicomhub.index.engine import make_engine, migrate
+from dicomhub.index.repository import Index
+
+# Stored files are kept byte for byte; invalid values are reported by our validation, not by pydicom warnings.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+@dataclass
+class Services:
+    settings: Settings
+    index: Index
+    blobs: BlobStore
+    store: StoreService
+    retrieve: RetrieveService
+    query: QueryService
+    delete: DeleteService
+    cleanup: CleanupService
+
+    @property
+    def embedded(self) -> bool:
+        """True for the single-process SQLite mode."""
+        return self.index.dialect == "sqlite"
+
+
+def build_services(settings: Settings, run_migrations: bool = True) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if run_migrations:
+        migrate(settings.index_url)
+    index = Index(make_engine(settings.index_url))
+    blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
+    return Services(
+        settings=settings,
+        index=index,
+        blobs=blobs,
+        store=StoreService(index, blobs, settings),
+        retrieve=RetrieveService(index, blobs, settings),
+        query=QueryService(index),
+        delete=DeleteService(index, settings),
+        cleanup=CleanupService(index, blobs, settings),
+    )
