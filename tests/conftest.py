@@ -1,0 +1,56 @@
+"""Fixtures: real dicomhub server processes on SQLite and on PostgreSQL, and HTTP clients for them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.servers import POSTGRES_ENV, Server, new_postgres_database
+
+ENGINES = ["sqlite", "postgres"]
+
+
+def _database_url(engine: str) -> str | None:
+    if engine == "sqlite":
+        return None
+    admin = os.environ.get(POSTGRES_ENV)
+    if not admin:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the PostgreSQL suite (scripts/test.sh sets it)")
+        pytest.skip(f"{POSTGRES_ENV} not set; run the suite through scripts/test.sh for PostgreSQL")
+    return new_postgres_database(admin)
+
+
+def start_server(tmp_path_factory: pytest.TempPathFactory, engine: str, **settings: str) -> Server:
+    data_dir = tmp_path_factory.mktemp(f"dicomhub-{engine}")
+    return Server(data_dir, _database_url(engine), **settings).start()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A shared server per engine, partitions off. Tests use fresh UIDs, so they do not see each other's data."""
+    srv = start_server(tmp_path_factory, request.param)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def partitioned_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory, request.param, enable_partitions="true")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    """An httpx client rooted at the server (paths like ``/v2/studies``)."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(params=["v1", "v2"])
+def version(request: pytest.FixtureRequest) -> str:
+    return request.param

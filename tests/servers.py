@@ -1,0 +1,89 @@
+"""Runs dicomhub as a real server process on a free loopback port, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+
+POSTGRES_ENV = "DICOMHUB_TEST_POSTGRES_URL"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_postgres_database(admin_url: str) -> str:
+    """Creates an empty database next to the one in ``admin_url`` and returns its SQLAlchemy URL."""
+    name = f"dicomhub_{uuid.uuid4().hex[:12]}"
+    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+class Server:
+    """One dicomhub process; ``url`` is its root (``http://127.0.0.1:PORT``)."""
+
+    def __init__(self, data_dir: Path, database_url: str | None = None, **settings: str) -> None:
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log_path = data_dir / "server.log"
+
+    @property
+    def engine(self) -> str:
+        return "postgres" if self.database_url else "sqlite"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
+        env["DICOMHUB_DATA_DIR"] = str(self.data_dir)
+        env["DICOMHUB_CLEANUP_INTERVAL_SECONDS"] = "0.5"
+        if self.database_url:
+            env["DICOMHUB_DATABASE_URL"] = self.database_url
+        for key, value in self.settings.items():
+            env[f"DICOMHUB_{key.upper()}"] = value
+        return env
+
+    def start(self) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicomhub", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health/check", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
