@@ -1,0 +1,128 @@
+"""Interoperability with a real peer: an Orthanc (Debian orthanc + orthanc-dicomweb) that uses dicomhub as its
+remote DICOMweb server. Orthanc STOWs with chunked bodies, searches and reads metadata with ``Accept: */*``, and
+retrieves with ``transfer-syntax=*``."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from tests.factory import make_dataset, to_bytes
+from tests.servers import Server, free_port
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def orthanc(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    if not ORTHANC.exists() or not PLUGIN.exists():
+        pytest.fail("Orthanc with its DICOMweb plugin is required (scripts/test.sh installs orthanc, orthanc-dicomweb)")
+    home = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {
+        "Name": "peer",
+        "StorageDirectory": str(home / "storage"),
+        "IndexDirectory": str(home / "storage"),
+        "TemporaryDirectory": str(home / "tmp"),
+        "Plugins": [str(PLUGIN)],
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "HttpCompressionEnabled": False,
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {"dicomhub": {"Url": f"{server.url}/v2/"}},
+        },
+    }
+    (home / "orthanc.json").write_text(json.dumps(config))
+    log = open(home / "orthanc.log", "wb")  # noqa: SIM115 - owned by the child process
+    process = subprocess.Popen([str(ORTHANC), str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        for _ in range(200):
+            try:
+                if client.get("/system").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"Orthanc did not start: {(home / 'orthanc.log').read_text()[-2000:]}")
+        yield client
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(home / "storage", ignore_errors=True)
+
+
+def _upload(orthanc: httpx.Client, data: bytes) -> str:
+    response = orthanc.post("/instances", content=data)
+    assert response.status_code == 200, response.text
+    return response.json()["ID"]
+
+
+def test_orthanc_stows_searches_reads_metadata_and_retrieves(orthanc: httpx.Client, http: httpx.Client):
+    ds = make_dataset(PatientName="Peer^Orthanc", AccessionNumber="PEER-1", rows=64, columns=64)
+    sample = pydicom.dcmread(SAMPLES / "blue-circle.dcm")
+    ids = [_upload(orthanc, to_bytes(ds)), _upload(orthanc, (SAMPLES / "blue-circle.dcm").read_bytes())]
+
+    stow = orthanc.post("/dicom-web/servers/dicomhub/stow", json={"Resources": ids, "Synchronous": True})
+    assert stow.status_code == 200, stow.text
+
+    # dicomhub has both, byte-identical to what Orthanc held
+    for orthanc_id, study, series, sop in (
+        (ids[0], ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+        (ids[1], sample.StudyInstanceUID, sample.SeriesInstanceUID, sample.SOPInstanceUID),
+    ):
+        ours = http.get(
+            f"/v2/studies/{study}/series/{series}/instances/{sop}",
+            headers={"Accept": "application/dicom; transfer-syntax=*"},
+        )
+        assert ours.status_code == 200
+        assert ours.content[132:] == orthanc.get(f"/instances/{orthanc_id}/file").content[132:]
+
+    # Orthanc's QIDO through dicomhub (Accept: */* on its side)
+    found = orthanc.post(
+        "/dicom-web/servers/dicomhub/qido",
+        json={"Uri": "/studies", "Arguments": {"AccessionNumber": "PEER-1"}},
+    )
+    assert found.status_code == 200, found.text
+    # Orthanc answers in its own simplified JSON: {"0020000D": {"Value": "<uid>", ...}}
+    assert [s["0020000D"]["Value"] for s in found.json()] == [ds.StudyInstanceUID]
+    assert found.json()[0]["00100010"]["Value"] == "Peer^Orthanc"
+
+    # metadata through Orthanc's generic GET
+    metadata = orthanc.post(
+        "/dicom-web/servers/dicomhub/get", json={"Uri": f"/studies/{ds.StudyInstanceUID}/metadata"}
+    )
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.json()[0]["00080050"]["Value"] == ["PEER-1"]
+
+    # delete from Orthanc, then WADO-RS retrieve it back from dicomhub
+    assert orthanc.delete(f"/instances/{ids[0]}").status_code == 200
+    retrieve = orthanc.post(
+        "/dicom-web/servers/dicomhub/retrieve",
+        json={"Resources": [{"Study": ds.StudyInstanceUID}], "Synchronous": True},
+    )
+    assert retrieve.status_code == 200, retrieve.text
+    back = orthanc.post("/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": ds.SOPInstanceUID}})
+    assert len(back.json()) == 1
+    restored = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{back.json()[0]}/file").content))
+    assert restored.PixelData == ds.PixelData
+    assert restored.PatientName == "Peer^Orthanc"
