@@ -108,9 +108,7 @@ def test_orthanc_stows_searches_reads_metadata_and_retrieves(orthanc: httpx.Clie
     assert found.json()[0]["00100010"]["Value"] == "Peer^Orthanc"
 
     # metadata through Orthanc's generic GET
-    metadata = orthanc.post(
-        "/dicom-web/servers/dicomhub/get", json={"Uri": f"/studies/{ds.StudyInstanceUID}/metadata"}
-    )
+    metadata = orthanc.post("/dicom-web/servers/dicomhub/get", json={"Uri": f"/studies/{ds.StudyInstanceUID}/metadata"})
     assert metadata.status_code == 200, metadata.text
     assert metadata.json()[0]["00080050"]["Value"] == ["PEER-1"]
 
