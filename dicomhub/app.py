@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
 
 from dicomhub import __version__
 from dicomhub.api import delete, health, partitions, qido, stow, wado
@@ -26,6 +25,43 @@ log = logging.getLogger("dicomhub.http")
 REQUESTS = Counter("dicomhub_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("dicomhub_http_request_seconds", "HTTP request latency", ["method", "route"])
 STUDIES_ROUTERS = (stow.router, wado.router, qido.router, delete.router)
+
+
+class ObserveMiddleware:
+    """Request log line and Prometheus metrics, as plain ASGI so streamed bodies pass through untouched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_observed(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, status).inc()
+            LATENCY.labels(scope["method"], route).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
 
 
 async def _cleanup_loop(services: Services) -> None:
@@ -65,25 +101,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(partitions.router)
     app.include_router(health.router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        REQUESTS.labels(request.method, route, response.status_code).inc()
-        LATENCY.labels(request.method, route).observe(elapsed)
-        log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.url.path,
-                "status": response.status_code,
-                "ms": round(elapsed * 1000, 2),
-            },
-        )
-        return response
-
+    app.add_middleware(ObserveMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(
