@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh machine and run it:
+#   .venv (editable install with the test extras), Debian packages (PostgreSQL, Orthanc + DICOMweb
+#   plugin, dcmtk), a private PostgreSQL on 127.0.0.1:55432, then pytest -n 2.
+# Usage: bash scripts/test.sh [pytest args...]
+# Environment: PYTHON (interpreter used to create .venv, default python3), CI_STATE (service state
+# dir, default /tmp/dicomhub-services), DICOMHUB_TEST_PG_PORT (default 55432).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+log() { echo "[test.sh] $*" >&2; }
+
+# 1. Python environment. Reinstall when pyproject.toml changed since the last install.
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "${PYTHON:-python3}" -m venv .venv
+  rm -f .venv/.installed
+fi
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  log "installing dicomhub with test extras into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  touch .venv/.installed
+fi
+
+# 2. Debian packages (apt only when something is missing) and services.
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+ensure_packages
+trap stop_all EXIT
+start_postgres "${DICOMHUB_TEST_PG_PORT:-55432}"
+
+# Tests that need Orthanc start their own private instance from Python.
+if [ -x /usr/sbin/Orthanc ]; then
+  export DICOMHUB_TEST_ORTHANC=1
+fi
+
+# 3. Tests. pytest exit code 5 ("no tests collected") counts as a failure.
+rc=0
+.venv/bin/python -m pytest -n 2 "$@" || rc=$?
+if [ "$rc" -eq 5 ]; then
+  log "pytest collected no tests: failing"
+  rc=1
+fi
+exit "$rc"
