@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, and_, exists, func, select
+from sqlalchemy import ColumnElement, and_, exists, func, literal, select, true
 
 from dicomhub.index.records import QidoQuery, QidoRow, QueryFilter
 from dicomhub.index.repository import Index
@@ -59,17 +59,36 @@ def _value_condition(column, flt: QueryFilter) -> ColumnElement[bool]:
     return column == flt.values[0]
 
 
-def _condition(flt: QueryFilter) -> ColumnElement[bool]:
+def _words_of(column: ColumnElement[str]) -> ColumnElement[str]:
+    """`` WORD1 WORD2 `` : a folded name column with its separators as spaces, padded, for whole-word lookups."""
+    spaced = func.replace(func.replace(func.replace(column, "^", " "), "=", " "), ",", " ")
+    return literal(" ") + spaced + literal(" ")
+
+
+def _contains(dialect: str, haystack: ColumnElement[str], needle: ColumnElement[str]) -> ColumnElement[bool]:
+    position = func.strpos(haystack, needle) if dialect == "postgresql" else func.instr(haystack, needle)
+    return position > 0
+
+
+def _condition(flt: QueryFilter, dialect: str) -> ColumnElement[bool]:
+    if flt.match == "universal":
+        return true()
     if flt.tag == MODALITIES_IN_STUDY:
-        return exists().where((series.c.study_key == study.c.study_key) & _value_condition(series.c.modality, flt))
+        # an alias: at series/instance level the outer query has ``series`` too, which must not be correlated
+        other = series.alias("modality_series")
+        return exists().where((other.c.study_key == study.c.study_key) & _value_condition(other.c.modality, flt))
     if flt.match == "fuzzy":
         attribute = NAME_ATTRIBUTES[flt.tag]
+        # name_word rows are only ever added, so a study keeps the words of names it no longer has: each word
+        # found must still be a whole word of the study's current (latest instance's) name
+        current = _words_of(COLUMNS[flt.tag])
         return and_(
             *(
                 exists().where(
                     (name_word.c.study_key == study.c.study_key)
                     & (name_word.c.attribute == attribute)
                     & name_word.c.word.like(_like_pattern(word) + "%", escape="\\")
+                    & _contains(dialect, current, literal(" ") + name_word.c.word + literal(" "))
                 )
                 for word in flt.values
             )
@@ -79,7 +98,7 @@ def _condition(flt: QueryFilter) -> ColumnElement[bool]:
 
 def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     """Rows matching ``query``, newest first, one page."""
-    conditions = [_condition(f) for f in query.filters]
+    conditions = [_condition(f, index.dialect) for f in query.filters]
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
         stmt = stmt.where(study.c.partition_key == query.partition_key)

@@ -10,9 +10,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 
 from dicomhub.index.records import NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
@@ -46,17 +45,25 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _aware(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._partitions: dict[str, Partition] = {}
+        self._prepare_store_statements()
 
     # -- transactions -------------------------------------------------------------------------------------------
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(write=True) as conn, conn.begin():
+    def _write(self, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction; ``durable=False`` lets SQLite skip the fsync of this commit (a later durable
+        commit flushes it too, since the WAL is sequential)."""
+        with self.engine.connect().execution_options(write=True, durable=durable) as conn, conn.begin():
             yield conn
 
     @contextmanager
@@ -101,125 +108,181 @@ class Index:
         return [Partition(r.partition_key, r.name, r.created_at) for r in rows]
 
     # -- store --------------------------------------------------------------------------------------------------
+    def _prepare_store_statements(self) -> None:
+        """Built once: per-call construction of upserts costs more than executing them."""
+        self._allocate = insert(watermark_allocator).returning(watermark_allocator.c.watermark)
+        self._reserve = (
+            self._insert(instance)
+            .on_conflict_do_nothing(index_elements=["partition_key", "study_uid", "series_uid", "sop_uid"])
+            .returning(instance.c.watermark)
+        )
+        self._existing = select(instance.c.status, instance.c.created_at).where(
+            (instance.c.partition_key == bindparam("b_partition"))
+            & (instance.c.study_uid == bindparam("b_study"))
+            & (instance.c.series_uid == bindparam("b_series"))
+            & (instance.c.sop_uid == bindparam("b_sop"))
+        )
+        self._take_over = delete(instance).where(
+            (instance.c.partition_key == bindparam("b_partition"))
+            & (instance.c.study_uid == bindparam("b_study"))
+            & (instance.c.series_uid == bindparam("b_series"))
+            & (instance.c.sop_uid == bindparam("b_sop"))
+            & (instance.c.status == INSTANCE_CREATING)
+        )
+        self._upsert_study = self._level_upsert(study, ["partition_key", "study_uid"], study.c.study_key)
+        self._upsert_series = self._level_upsert(series, ["study_key", "series_uid"], series.c.series_key)
+        self._mark_created = (
+            update(instance)
+            .where(instance.c.watermark == bindparam("b_watermark"))
+            .values(
+                status=INSTANCE_CREATED,
+                study_key=bindparam("b_study_key"),
+                series_key=bindparam("b_series_key"),
+                sop_class_uid=bindparam("b_sop_class_uid"),
+                transfer_syntax_uid=bindparam("b_transfer_syntax_uid"),
+                blob_key=bindparam("b_blob_key"),
+                file_size=bindparam("b_file_size"),
+                frame_count=bindparam("b_frame_count"),
+                frames=bindparam("b_frames"),
+            )
+        )
+        self._add_words = self._insert(name_word).on_conflict_do_nothing()
+
+    def _level_upsert(self, table, conflict: list[str], key_col):
+        """Insert-or-update of a study or series row: the newest instance's non-empty values win."""
+        stmt = self._insert(table)
+        keep = set(conflict) | {"partition_key", "watermark", key_col.name}
+        updates = {c.name: func.coalesce(stmt.excluded[c.name], c) for c in table.c if c.name not in keep}
+        updates["watermark"] = self._greatest(table.c.watermark, stmt.excluded.watermark)
+        return stmt.on_conflict_do_update(index_elements=conflict, set_=updates).returning(key_col)
+
+    def begin_creates(
+        self, partition_key: int, uids: Sequence[tuple[str, str, str]], stale_before: datetime
+    ) -> list[int | InstanceExists]:
+        """Reserves each (study, series, SOP) with a ``creating`` row; returns its new watermark, or
+        :class:`InstanceExists` when the instance exists or another store is writing it.
+
+        A ``creating`` row older than ``stale_before`` was left by a crashed process and is taken over. Not durable
+        on purpose: losing a reservation in a crash loses nothing acknowledged.
+        """
+        results: list[int | InstanceExists] = []
+        with self._write(durable=False) as conn:
+            for study_uid, series_uid, sop_uid in uids:
+                keys = {"b_partition": partition_key, "b_study": study_uid, "b_series": series_uid, "b_sop": sop_uid}
+                row = {
+                    "partition_key": partition_key,
+                    "study_uid": study_uid,
+                    "series_uid": series_uid,
+                    "sop_uid": sop_uid,
+                    "status": INSTANCE_CREATING,
+                    "created_at": _now(),
+                }
+                watermark = conn.execute(self._allocate).scalar_one()
+                reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()
+                if reserved is None:
+                    existing = conn.execute(self._existing, keys).first()
+                    if (
+                        existing is not None
+                        and existing.status == INSTANCE_CREATING
+                        and (_aware(existing.created_at) < stale_before)
+                    ):
+                        conn.execute(self._take_over, keys)
+                        reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()
+                    if reserved is None:
+                        creating = existing is None or existing.status == INSTANCE_CREATING
+                        results.append(InstanceExists(creating=creating))
+                        continue
+                results.append(watermark)
+        return results
+
+    def abort_creates(self, watermarks: Sequence[int]) -> None:
+        with self._write() as conn:
+            conn.execute(
+                delete(instance).where(
+                    instance.c.watermark.in_(list(watermarks)) & (instance.c.status == INSTANCE_CREATING)
+                )
+            )
+
+    def complete_creates(self, news: Sequence[NewInstance]) -> None:
+        """Makes instances visible in one durable transaction: study/series rows, instance state, metadata, name
+        words and change-feed entries."""
+        if not news:
+            return
+        now = _now()
+        with self._write() as conn:
+            for new in news:
+                study_key = conn.execute(
+                    self._upsert_study,
+                    {
+                        "partition_key": new.partition_key,
+                        "study_uid": new.study_uid,
+                        "watermark": new.watermark,
+                        **new.study_values,
+                    },
+                ).scalar_one()
+                series_key = conn.execute(
+                    self._upsert_series,
+                    {
+                        "partition_key": new.partition_key,
+                        "study_key": study_key,
+                        "series_uid": new.series_uid,
+                        "watermark": new.watermark,
+                        **new.series_values,
+                    },
+                ).scalar_one()
+                conn.execute(
+                    self._mark_created,
+                    {
+                        "b_watermark": new.watermark,
+                        "b_study_key": study_key,
+                        "b_series_key": series_key,
+                        "b_sop_class_uid": new.sop_class_uid,
+                        "b_transfer_syntax_uid": new.transfer_syntax_uid,
+                        "b_blob_key": new.blob_key,
+                        "b_file_size": new.file_size,
+                        "b_frame_count": new.frame_count,
+                        "b_frames": new.frames_json,
+                    },
+                )
+                words = [(NAME_PATIENT, w) for w in new.patient_name_words] + [
+                    (NAME_REFERRING_PHYSICIAN, w) for w in new.referring_physician_words
+                ]
+                if words:
+                    conn.execute(
+                        self._add_words, [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words]
+                    )
+            conn.execute(insert(instance_metadata), [{"watermark": n.watermark, "json": n.metadata_json} for n in news])
+            conn.execute(
+                insert(change_feed),
+                [
+                    {
+                        "timestamp": now,
+                        "action": CHANGE_CREATE,
+                        "partition_key": n.partition_key,
+                        "study_uid": n.study_uid,
+                        "series_uid": n.series_uid,
+                        "sop_uid": n.sop_uid,
+                        "original_watermark": n.watermark,
+                        "current_watermark": n.watermark,
+                    }
+                    for n in news
+                ],
+            )
+
+    # single-instance forms, used by the store path until it batches
     def begin_create(
         self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str, stale_before: datetime
     ) -> int:
-        """Reserves the UIDs with a ``creating`` row and returns the new watermark.
-
-        Raises :class:`InstanceExists` when the instance exists or another store is writing it. A ``creating`` row
-        older than ``stale_before`` was left by a crashed process and is taken over.
-        """
-        keys = (
-            (instance.c.partition_key == partition_key)
-            & (instance.c.study_uid == study_uid)
-            & (instance.c.series_uid == series_uid)
-            & (instance.c.sop_uid == sop_uid)
-        )
-        with self._write() as conn:
-            watermark = conn.execute(
-                insert(watermark_allocator).returning(watermark_allocator.c.watermark)
-            ).scalar_one()
-            row = conn.execute(select(instance.c.status, instance.c.created_at).where(keys)).first()
-            if row is not None:
-                created_at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-                if row.status != INSTANCE_CREATING or created_at >= stale_before:
-                    raise InstanceExists(creating=row.status == INSTANCE_CREATING)
-                conn.execute(delete(instance).where(keys))
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(instance).values(
-                            partition_key=partition_key,
-                            study_uid=study_uid,
-                            series_uid=series_uid,
-                            sop_uid=sop_uid,
-                            watermark=watermark,
-                            status=INSTANCE_CREATING,
-                            created_at=_now(),
-                        )
-                    )
-            except IntegrityError as exc:
-                raise InstanceExists(creating=True) from exc
-        return watermark
+        result = self.begin_creates(partition_key, [(study_uid, series_uid, sop_uid)], stale_before)[0]
+        if isinstance(result, InstanceExists):
+            raise result
+        return result
 
     def abort_create(self, watermark: int) -> None:
-        with self._write() as conn:
-            conn.execute(
-                delete(instance).where((instance.c.watermark == watermark) & (instance.c.status == INSTANCE_CREATING))
-            )
+        self.abort_creates([watermark])
 
     def complete_create(self, new: NewInstance) -> None:
-        """Makes the instance visible: study/series rows, metadata, name words and the change-feed entry."""
-        with self._write() as conn:
-            study_key = self._upsert_level(
-                conn,
-                study,
-                ["partition_key", "study_uid"],
-                {"partition_key": new.partition_key, "study_uid": new.study_uid, **new.study_values},
-                new.watermark,
-                study.c.study_key,
-            )
-            series_key = self._upsert_level(
-                conn,
-                series,
-                ["study_key", "series_uid"],
-                {
-                    "partition_key": new.partition_key,
-                    "study_key": study_key,
-                    "series_uid": new.series_uid,
-                    **new.series_values,
-                },
-                new.watermark,
-                series.c.series_key,
-            )
-            conn.execute(
-                update(instance)
-                .where(instance.c.watermark == new.watermark)
-                .values(
-                    status=INSTANCE_CREATED,
-                    study_key=study_key,
-                    series_key=series_key,
-                    sop_class_uid=new.sop_class_uid,
-                    transfer_syntax_uid=new.transfer_syntax_uid,
-                    blob_key=new.blob_key,
-                    file_size=new.file_size,
-                    frame_count=new.frame_count,
-                    frames=new.frames_json,
-                )
-            )
-            conn.execute(insert(instance_metadata).values(watermark=new.watermark, json=new.metadata_json))
-            words = [(NAME_PATIENT, w) for w in new.patient_name_words] + [
-                (NAME_REFERRING_PHYSICIAN, w) for w in new.referring_physician_words
-            ]
-            if words:
-                conn.execute(
-                    self._insert(name_word).on_conflict_do_nothing(),
-                    [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words],
-                )
-            conn.execute(
-                insert(change_feed).values(
-                    timestamp=_now(),
-                    action=CHANGE_CREATE,
-                    partition_key=new.partition_key,
-                    study_uid=new.study_uid,
-                    series_uid=new.series_uid,
-                    sop_uid=new.sop_uid,
-                    original_watermark=new.watermark,
-                    current_watermark=new.watermark,
-                )
-            )
-
-    def _upsert_level(self, conn: Connection, table, conflict: list[str], values: dict, watermark: int, key_col) -> int:
-        """Insert-or-update of a study or series row: the newest instance's non-empty values win."""
-        stmt = self._insert(table).values(**values, watermark=watermark)
-        updates = {
-            name: func.coalesce(stmt.excluded[name], table.c[name])
-            for name in values
-            if name not in conflict and name != "partition_key"
-        }
-        updates["watermark"] = self._greatest(table.c.watermark, stmt.excluded.watermark)
-        stmt = stmt.on_conflict_do_update(index_elements=conflict, set_=updates).returning(key_col)
-        return conn.execute(stmt).scalar_one()
+        self.complete_creates([new])
 
     def stale_creates(self, before: datetime) -> list[PendingCreate]:
         with self.read() as conn:
