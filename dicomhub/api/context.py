@@ -38,7 +38,8 @@ class RequestContext:
         """``{scheme}://{host}/v{n}[/partitions/{p}]`` as the client addressed it."""
         path = self.request.url.path
         marker = "/studies"
-        prefix = path[: path.find(marker)] if marker in path else path.rstrip("/")
+        # the last "/studies": a partition may itself be named "studies" (UIDs never contain a "/")
+        prefix = path[: path.rfind(marker)] if marker in path else path.rstrip("/")
         return f"{self.request.url.scheme}://{self.request.url.netloc}{prefix}"
 
 

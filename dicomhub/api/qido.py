@@ -9,6 +9,8 @@ from starlette.responses import Response
 from dicomhub.api.context import RequestContext, check_uid, studies_context
 from dicomhub.api.media import accepts_dicom_json
 from dicomhub.api.responses import json_response
+from dicomhub.dicom.tags import parse_attribute_id
+from dicomhub.domain.attributes import SERIES_UID, STUDY_UID
 from dicomhub.domain.errors import InvalidRequest
 from dicomhub.domain.query import parse_search
 
@@ -21,17 +23,16 @@ async def _search(
     raw_query = request.url.query
     if "<" in raw_query or "%3c" in raw_query.lower():
         raise InvalidRequest("The query string included invalid characters.")
+    if not accepts_dicom_json(request.headers.get("accept")):
+        return Response(status_code=406)
     if study is not None:
         study = check_uid(study, "StudyInstanceUID")
     if series is not None:
         series = check_uid(series, "SeriesInstanceUID")
-    if not accepts_dicom_json(request.headers.get("accept")):
-        return Response(status_code=406)
     params = request.query_params.multi_items()
+    in_path = ({STUDY_UID} if study is not None else set()) | ({SERIES_UID} if series is not None else set())
     for name, _ in params:
-        if (study is not None and name in ("StudyInstanceUID", "0020000D")) or (
-            series is not None and name in ("SeriesInstanceUID", "0020000E")
-        ):
+        if parse_attribute_id(name) in in_path:
             raise InvalidRequest(f"Invalid query: AttributeId '{name}' is already specified in the path.")
     search = parse_search(params, resource, ctx.api_version, study, series)
     partition = await run_in_threadpool(ctx.partition)

@@ -6,11 +6,13 @@ import re
 import unicodedata
 
 _WORD_SPLIT = re.compile(r"[\^=\s,]+")
+# Letters with a stroke have no Unicode decomposition, so NFKD alone would keep them apart from their base letter.
+_STROKES = str.maketrans("ØøŁłĐđĦħŦŧ", "OoLlDdHhTt")
 
 
 def fold(value: str) -> str:
     """Upper-case without accents: the form PN values are indexed and compared in."""
-    decomposed = unicodedata.normalize("NFKD", value)
+    decomposed = unicodedata.normalize("NFKD", value.translate(_STROKES))
     return "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
 
 

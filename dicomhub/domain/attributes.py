@@ -51,7 +51,8 @@ def fold_value(attribute: IndexedAttribute, value: str) -> str:
     """The form a value is indexed and compared in: padding stripped, upper-case, PN without accents."""
     value = value.rstrip("\0 ")
     if attribute.vr == "PN":
-        return fold(value)
+        # trailing empty components and groups are insignificant (PS3.5 6.2.1): "Doe^John^^" is "Doe^John"
+        return fold("=".join(group.rstrip("^ ") for group in value.split("=")).rstrip("="))
     if attribute.vr in ("UI", "DA"):
         return value
     return value.upper()

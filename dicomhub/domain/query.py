@@ -13,7 +13,7 @@ from pydicom.datadict import tag_for_keyword
 
 from dicomhub.dicom.names import name_words
 from dicomhub.dicom.tags import parse_attribute_id, tag_key
-from dicomhub.dicom.uids import normalize_uid
+from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.domain.attributes import (
     BY_TAG,
     INSTANCE,
@@ -131,7 +131,8 @@ RESOURCES = {
     "series-instances": (INSTANCE, {INSTANCE}, (INSTANCE,)),
 }
 _CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
-_DATE = re.compile(r"^\d{8}$")
+_DATE = re.compile(r"[0-9]{8}")
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 
 @dataclass
@@ -164,15 +165,20 @@ def parse_search(
     seen_names: set[str] = set()
     seen_tags: set[int] = set()
     raw_filters: list[tuple[int, str, str]] = []
+    seen_controls: set[str] = set()
     for name, value in params:
         lower = name.lower()
         if lower in _CONTROL_PARAMS:
+            if lower != "includefield":
+                if lower in seen_controls:
+                    raise _invalid(name, "The parameter is specified more than once.")
+                seen_controls.add(lower)
             if lower == "includefield":
                 _parse_includefield(request, value)
             elif lower == "limit":
-                request.limit = _parse_int(name, value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
+                request.limit = _parse_int("Limit", value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
             elif lower == "offset":
-                request.offset = _parse_int(name, value, 0, 2**62, "The field Offset must be 0 or greater.")
+                request.offset = _parse_int("Offset", value, 0, 2**63 - 1, "The field Offset must be 0 or greater.")
             else:
                 if value.lower() not in ("true", "false"):
                     raise _invalid(name, "The value must be 'true' or 'false'.")
@@ -194,7 +200,7 @@ def parse_search(
         if attribute is None or attribute.level not in filter_levels:
             raise InvalidRequest(f"Invalid query: AttributeId {name} is not queryable. ")
         if not value.strip():
-            raise InvalidRequest(f"Invalid query: AttributeId '{name}' has empty string value that is not supported.")
+            raise _empty(name)
         raw_filters.append((tag, name, value))
     for tag, name, value in raw_filters:
         request.filters.append(_filter(tag, name, value, fuzzy))
@@ -208,11 +214,14 @@ def parse_search(
     return request
 
 
+def _empty(name: str) -> InvalidRequest:
+    return InvalidRequest(f"Invalid query: AttributeId '{name}' has empty string value that is not supported.")
+
+
 def _parse_int(name: str, value: str, low: int, high: int, detail: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise _invalid(name, detail) from None
+    if not _INTEGER.fullmatch(value):  # plain ASCII digits only: int() would also take "1_0", " 5" or "５"
+        raise _invalid(name, detail)
+    number = int(value)
     if not low <= number <= high:
         raise _invalid(name, detail)
     return number
@@ -238,6 +247,11 @@ def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
     value = value.rstrip("\0")
     if attribute.vr == "UI":
         uids = [normalize_uid(v) for v in re.split(r"[,\\]", value) if v.strip()]
+        if not uids:
+            raise _empty(name)
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise InvalidRequest(f"Invalid query: the {name} '{uid}' is invalid. {INVALID_UID_MESSAGE}")
         return QueryFilter(tag, "list", tuple(uids)) if len(uids) > 1 else QueryFilter(tag, "exact", (uids[0],))
     if attribute.vr == "DA":
         if "-" in value:
@@ -254,13 +268,20 @@ def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
             return QueryFilter(tag, "range", low=low, high=high)
         _check_date(value, name)
         return QueryFilter(tag, "exact", (value,))
+    if attribute.vr not in ("DA", "UI") and "*" in value and not value.strip("* "):
+        return QueryFilter(tag, "universal")  # PS3.4 C.2.2.2.4: a lone '*' matches every value, empty ones too
     if tag == MODALITIES_IN_STUDY:
         values = [v.strip().upper() for v in re.split(r"[,\\]", value) if v.strip()]
+        if not values:
+            raise _empty(name)
         return QueryFilter(tag, "list", tuple(values)) if len(values) > 1 else _string_filter(tag, values[0])
     if attribute.vr == "PN" and fuzzy:
         if '"' in value:
             raise InvalidRequest(f"Invalid query: the value of '{name}' contains a '\"', which fuzzy matching rejects.")
-        return QueryFilter(tag, "fuzzy", tuple(name_words(value)))
+        words = name_words(value)
+        if not words:
+            raise _empty(name)
+        return QueryFilter(tag, "fuzzy", tuple(words))
     return _string_filter(tag, fold_value(attribute, value))
 
 
@@ -270,7 +291,7 @@ def _string_filter(tag: int, folded: str) -> QueryFilter:
 
 def _check_date(value: str, name: str) -> None:
     try:
-        if not _DATE.match(value):
+        if not _DATE.fullmatch(value):
             raise ValueError
         datetime.strptime(value, "%Y%m%d")
     except ValueError:
