@@ -8,7 +8,7 @@ import pydicom.config
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.blobs.filesystem import FileSystemBlobStore
-from dicomhub.config import Settings
+from dicomhub.config import DEFAULT_PARTITION, Settings
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.delete import DeleteService
 from dicomhub.domain.query import QueryService
@@ -19,6 +19,10 @@ from dicomhub.index.repository import Index
 
 # Stored files are kept byte for byte; invalid values are reported by our validation, not by pydicom warnings.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+class ConfigurationError(RuntimeError):
+    """The settings contradict the stored data; the process must not start."""
 
 
 @dataclass
@@ -43,6 +47,13 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     if run_migrations:
         migrate(settings.index_url)
     index = Index(make_engine(settings.index_url))
+    if not settings.enable_partitions:
+        used = [p.name for p in index.list_partitions() if p.name != DEFAULT_PARTITION]
+        if used:
+            raise ConfigurationError(
+                f"Data partitions are in use ({', '.join(used[:5])}); they cannot be disabled: "
+                "set DICOMHUB_ENABLE_PARTITIONS=true."
+            )
     blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
     return Services(
         settings=settings,

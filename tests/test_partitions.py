@@ -341,12 +341,8 @@ def test_partition_routes_when_disabled(server, http):
     assert "/partitions/" not in url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec 5.7: once a non-default partition exists the feature cannot be disabled (Azure refuses to start); "
-    "dicomhub starts and silently hides that partition's data (startup check belongs in services.py/app.py)",
-)
 def test_partitions_cannot_be_disabled_once_used(tmp_path):
+    """Spec 5.7: once a non-default partition exists the feature cannot be turned off (the server refuses to start)."""
     data_dir = tmp_path / "archive"
     enabled = Server(data_dir, enable_partitions="true").start()
     try:
@@ -358,5 +354,6 @@ def test_partitions_cannot_be_disabled_once_used(tmp_path):
     try:
         with pytest.raises(RuntimeError, match="server exited"):
             disabled.start()
+        assert "DICOMHUB_ENABLE_PARTITIONS=true" in disabled.log_path.read_text()
     finally:
         disabled.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_UID = re.compile(r"^[0-9.]*[0-9]$")
+_UID = re.compile(r"[0-9.]*[0-9]")
 
 INVALID_UID_MESSAGE = (
     "DICOM Identifier is invalid. Value length should not exceed the maximum length of 64 characters. "
@@ -19,4 +19,4 @@ def normalize_uid(value: str) -> str:
 
 def is_valid_uid(value: str) -> bool:
     value = normalize_uid(value)
-    return 0 < len(value) <= 64 and _UID.match(value) is not None
+    return 0 < len(value) <= 64 and _UID.fullmatch(value) is not None

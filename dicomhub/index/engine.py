@@ -33,6 +33,9 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=60000")
+        # values are folded before they are stored and compared, so a case-sensitive LIKE loses nothing and lets
+        # SQLite answer prefix patterns from the ordinary indexes
+        cursor.execute("PRAGMA case_sensitive_like=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")

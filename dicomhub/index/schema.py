@@ -66,6 +66,7 @@ study = Table(
     Index(None, "partition_key", "patient_name"),
     Index(None, "partition_key", "study_date"),
     Index(None, "partition_key", "accession_number"),
+    Index(None, "partition_key", "study_description"),
 )
 
 series = Table(
@@ -83,6 +84,7 @@ series = Table(
     Index(None, "partition_key", "watermark"),
     Index(None, "partition_key", "series_uid"),
     Index(None, "partition_key", "modality"),
+    Index(None, "partition_key", "manufacturer_model_name"),
 )
 
 INSTANCE_CREATING = 0
