@@ -1032,11 +1032,6 @@ def test_empty_patient_id_in_v2_does_not_blank_study(server, http):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index/repository.py Index._refresh_level moves the study/series watermark after a delete but keeps the "
-    "deleted instance's indexed columns (and name words), so matching disagrees with the returned values",
-)
 def test_study_values_after_deleting_the_latest_instance(server, http):
     tok = token()
     pid = f"PID-{tok}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from dicomhub.dicom.names import fold
+from dicomhub.dicom.names import fold, name_words
+from dicomhub.index.records import IndexValues
 
 STUDY, SERIES, INSTANCE = "study", "series", "instance"
 LEVEL_ORDER = {STUDY: 0, SERIES: 1, INSTANCE: 2}
@@ -56,3 +58,31 @@ def fold_value(attribute: IndexedAttribute, value: str) -> str:
     if attribute.vr in ("UI", "DA"):
         return value
     return value.upper()
+
+
+def _text(value: Any) -> str:
+    """A JSON model value as DICOM text; person names are rebuilt as ``Alphabetic=Ideographic=Phonetic``."""
+    if isinstance(value, dict):
+        return "=".join(value.get(group, "") for group in ("Alphabetic", "Ideographic", "Phonetic")).rstrip("=")
+    return "" if value is None else str(value)
+
+
+def indexed_values(model: dict[str, Any]) -> tuple[IndexValues, bool]:
+    """The folded index values of an instance, from its stored JSON model (invalid attributes are already out of
+    it); the flag tells whether an indexed attribute had several values (only the first is indexed)."""
+    values = IndexValues()
+    multiple = False
+    for attribute in CORE_ATTRIBUTES:
+        if attribute.column is None:
+            continue
+        found = model.get(f"{attribute.tag:08X}", {}).get("Value") or []
+        multiple |= len(found) > 1
+        folded = fold_value(attribute, _text(found[0])) if found else ""
+        (values.study if attribute.level == STUDY else values.series)[attribute.column] = folded or None
+        if attribute.vr == "PN" and found:
+            words = name_words(_text(found[0]))
+            if attribute.tag == 0x00100010:
+                values.patient_name_words = words
+            else:
+                values.referring_physician_words = words
+    return values, multiple

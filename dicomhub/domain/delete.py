@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from dicomhub.config import Settings
+from dicomhub.domain.attributes import indexed_values
 from dicomhub.domain.errors import ResourceNotFound
-from dicomhub.index.records import Partition
+from dicomhub.index.records import IndexValues, Partition
 from dicomhub.index.repository import Index
 
 
@@ -16,8 +18,12 @@ class DeleteService:
         self.delay = timedelta(seconds=settings.delete_delay_seconds)
 
     def delete(self, partition: Partition, study: str, series: str | None = None, sop: str | None = None) -> int:
-        count = self.index.delete(partition.key, study, series, sop, self.delay)
+        count = self.index.delete(partition.key, study, series, sop, self.delay, _reindex)
         if not count:
             level = "instance" if sop is not None else "series" if series is not None else "study"
             raise ResourceNotFound(f"The specified {level} cannot be found.")
         return count
+
+
+def _reindex(document: str) -> IndexValues:
+    return indexed_values(json.loads(document))[0]

@@ -14,6 +14,16 @@ class Partition:
 
 
 @dataclass
+class IndexValues:
+    """Folded values of the indexed study and series attributes of one instance, and the words of its names."""
+
+    study: dict[str, str | None] = field(default_factory=dict)
+    series: dict[str, str | None] = field(default_factory=dict)
+    patient_name_words: list[str] = field(default_factory=list)
+    referring_physician_words: list[str] = field(default_factory=list)
+
+
+@dataclass
 class NewInstance:
     """Everything the index records when an instance's file has become durable."""
 

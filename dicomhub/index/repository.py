@@ -6,14 +6,14 @@ their change-feed rows, so the feed and the index never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicomhub.index.records import NewInstance, Partition, PendingCreate, StoredInstance
+from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
     CHANGE_CREATE,
     CHANGE_DELETE,
@@ -371,9 +371,19 @@ class Index:
 
     # -- delete -------------------------------------------------------------------------------------------------
     def delete(
-        self, partition_key: int, study_uid: str, series_uid: str | None, sop_uid: str | None, delete_after: timedelta
+        self,
+        partition_key: int,
+        study_uid: str,
+        series_uid: str | None,
+        sop_uid: str | None,
+        delete_after: timedelta,
+        reindex: Callable[[str], IndexValues],
     ) -> int:
-        """Deletes the instances in scope, their empty series/study rows, queues their files; returns the count."""
+        """Deletes the instances in scope, their empty series/study rows, queues their files; returns the count.
+
+        A study or series that loses its newest instance takes its indexed values from the newest remaining one,
+        computed by ``reindex`` from that instance's stored JSON.
+        """
         with self._write() as conn:
             victims = conn.execute(
                 select(
@@ -414,14 +424,15 @@ class Index:
                 [{"blob_key": v.blob_key, "delete_after": now + delete_after, "attempts": 0} for v in victims],
             )
             for series_key in {v.series_key for v in victims}:
-                self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key)
+                self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key, reindex)
             for study_key in {v.study_key for v in victims}:
-                self._refresh_level(conn, study, study.c.study_key, instance.c.study_key, study_key)
+                self._refresh_level(conn, study, study.c.study_key, instance.c.study_key, study_key, reindex)
             return len(victims)
 
     @staticmethod
-    def _refresh_level(conn: Connection, table, key_col, instance_fk, key: int) -> int | None:
-        """After a delete: drops a study/series row left empty, else moves its watermark to the newest remaining."""
+    def _refresh_level(conn: Connection, table, key_col, instance_fk, key: int, reindex) -> None:
+        """After a delete: drops a study/series row left empty; else, if it lost its newest instance, re-derives its
+        indexed values (and, for a study, its name words) from the newest remaining instance."""
         latest = conn.execute(
             select(func.max(instance.c.watermark)).where((instance_fk == key) & (instance.c.status == INSTANCE_CREATED))
         ).scalar()
@@ -429,9 +440,23 @@ class Index:
             if table is study:
                 conn.execute(delete(name_word).where(name_word.c.study_key == key))
             conn.execute(delete(table).where(key_col == key))
-        else:
-            conn.execute(update(table).where(key_col == key).values(watermark=latest))
-        return latest
+            return
+        current = conn.execute(select(table.c.watermark).where(key_col == key)).scalar()
+        if current == latest:
+            return
+        document = conn.execute(
+            select(instance_metadata.c.json).where(instance_metadata.c.watermark == latest)
+        ).scalar()
+        values = reindex(document or "{}")
+        columns = values.study if table is study else values.series
+        conn.execute(update(table).where(key_col == key).values(watermark=latest, **columns))
+        if table is study:
+            conn.execute(delete(name_word).where(name_word.c.study_key == key))
+            words = [(NAME_PATIENT, w) for w in values.patient_name_words] + [
+                (NAME_REFERRING_PHYSICIAN, w) for w in values.referring_physician_words
+            ]
+            if words:
+                conn.execute(insert(name_word), [{"study_key": key, "attribute": a, "word": w[:64]} for a, w in words])
 
     def due_blob_cleanups(self, limit: int = 100) -> list[tuple[int, str]]:
         with self.read() as conn:
