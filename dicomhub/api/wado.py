@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 from fastapi import APIRouter, Depends, Request
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from starlette.concurrency import run_in_threadpool
@@ -12,6 +15,7 @@ from dicomhub.api.media import (
     DICOM,
     MULTIPART_RELATED,
     OCTET_STREAM,
+    MediaRange,
     accepts_dicom_json,
     multipart_body,
     multipart_content_type,
@@ -27,49 +31,82 @@ router = APIRouter(tags=["WADO-RS"])
 INSTANCE_SYNTAXES = {ORIGINAL, ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, JPEG2000Lossless}
 FRAME_SYNTAXES = {ORIGINAL, ExplicitVRLittleEndian}
 FRAME_MEDIA = {OCTET_STREAM: FRAME_SYNTAXES, "image/jp2": {JPEG2000Lossless}}
+FRAME_DEFAULT = {OCTET_STREAM: ExplicitVRLittleEndian, "image/jp2": JPEG2000Lossless}
+ANY = ("*/*", "multipart/*")
+T = TypeVar("T")
 SINGLE_FRAME_ONLY = "The accept header is supported for single frame retrieval, use multi-part accept header instead."
 
 
+def _accept(request: Request) -> str:
+    """All Accept header lines as one list (a client may send several lines; HTTP makes them one comma list)."""
+    return ", ".join(request.headers.getlist("accept"))
+
+
+def _any_multipart(media: MediaRange) -> bool:
+    """``*/*``, or ``multipart/related; type="*/*"`` as dicomweb-client sends by default (Azure answers 406 to the
+    latter; we tolerate it): the resource's multipart default."""
+    return media.type in ANY or (media.type == MULTIPART_RELATED and media.related_type == "*/*")
+
+
+def _best(choices: Iterable[tuple[MediaRange, T | None]], syntax_of: Callable[[T], str]) -> T:
+    """Azure's pick among the Accept ranges (sorted best q first): the first acceptable one wins, unless a later
+    acceptable one of the same q asks for the original transfer syntax (``*``)."""
+    best: T | None = None
+    best_q = 0.0
+    for media, choice in choices:
+        if choice is None:
+            continue
+        if best is None:
+            best, best_q = choice, media.q
+        elif syntax_of(choice) == ORIGINAL and syntax_of(best) != ORIGINAL and media.q >= best_q:
+            best = choice
+    if best is None:
+        raise NotAcceptable()
+    return best
+
+
 def negotiate_instances(accept: str | None, single_allowed: bool) -> tuple[bool, str]:
-    """(multipart?, transfer syntax) for a DICOM retrieve, best Accept range first."""
-    for media in parse_accept(accept):
-        if media.type in ("*/*", "multipart/*") and not media.transfer_syntax:
-            return True, ORIGINAL
-        if media.type == MULTIPART_RELATED and media.related_type in (None, DICOM):
-            syntax = media.transfer_syntax or ExplicitVRLittleEndian
-            if syntax in INSTANCE_SYNTAXES:
-                return True, syntax
+    """(multipart?, transfer syntax) for a DICOM retrieve."""
+
+    def choice(media: MediaRange) -> tuple[bool, str] | None:
+        if _any_multipart(media):  # multipart application/dicom, as stored unless a syntax is given
+            multipart, syntax = True, media.transfer_syntax or ORIGINAL
+        elif media.type == MULTIPART_RELATED and media.related_type in (None, DICOM):
+            multipart, syntax = True, media.transfer_syntax or ExplicitVRLittleEndian
         elif media.type == DICOM and single_allowed:
-            syntax = media.transfer_syntax or ExplicitVRLittleEndian
-            if syntax in INSTANCE_SYNTAXES:
-                return False, syntax
-    raise NotAcceptable()
+            multipart, syntax = False, media.transfer_syntax or ExplicitVRLittleEndian
+        else:
+            return None
+        return (multipart, syntax) if syntax in INSTANCE_SYNTAXES else None
+
+    return _best(((m, choice(m)) for m in parse_accept(accept)), lambda c: c[1])
 
 
 def negotiate_frames(accept: str | None) -> tuple[bool, str, str]:
     """(multipart?, part media type, transfer syntax) for a frames retrieve."""
-    for media in parse_accept(accept):
-        if media.type in ("*/*", "multipart/*") and not media.transfer_syntax:
-            return True, OCTET_STREAM, ORIGINAL
-        if media.type == MULTIPART_RELATED:
+
+    def choice(media: MediaRange) -> tuple[bool, str, str] | None:
+        if _any_multipart(media):  # multipart application/octet-stream, as stored unless a syntax is given
+            multipart, part_type, syntax = True, OCTET_STREAM, media.transfer_syntax or ORIGINAL
+        elif media.type == MULTIPART_RELATED:
             part_type = media.related_type or OCTET_STREAM
-            syntaxes = FRAME_MEDIA.get(part_type)
-            if syntaxes is not None:
-                syntax = media.transfer_syntax or next(iter(sorted(syntaxes - {ORIGINAL})))
-                if syntax in syntaxes:
-                    return True, part_type, syntax
+            if part_type not in FRAME_MEDIA:
+                return None
+            multipart, syntax = True, media.transfer_syntax or FRAME_DEFAULT[part_type]
         elif media.type == OCTET_STREAM:
-            syntax = media.transfer_syntax or ExplicitVRLittleEndian
-            if syntax in FRAME_SYNTAXES:
-                return False, OCTET_STREAM, syntax
-    raise NotAcceptable()
+            multipart, part_type, syntax = False, OCTET_STREAM, media.transfer_syntax or ExplicitVRLittleEndian
+        else:
+            return None
+        return (multipart, part_type, syntax) if syntax in FRAME_MEDIA[part_type] else None
+
+    return _best(((m, choice(m)) for m in parse_accept(accept)), lambda c: c[2])
 
 
 async def _retrieve(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
     study = check_uid(study, "StudyInstanceUID")
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
-    multipart, syntax = negotiate_instances(request.headers.get("accept"), single_allowed=sop is not None)
+    multipart, syntax = negotiate_instances(_accept(request), single_allowed=sop is not None)
     retrieve = ctx.services.retrieve
     partition = await run_in_threadpool(ctx.partition)
     found = await run_in_threadpool(retrieve.instances, partition, study, series, sop)
@@ -112,16 +149,25 @@ async def retrieve_instance(
     return await _retrieve(request, ctx, study, series, instance)
 
 
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Azure compares If-None-Match with the (unquoted) ETag, ignoring case; quoted, weak (``W/``) and listed
+    values are tolerated too, as browsers and HTTP caches send them."""
+    if not header:
+        return False
+    candidates = (c.strip().removeprefix("W/").removeprefix("w/").strip('"') for c in header.split(","))
+    return any(c.lower() == etag.lower() for c in candidates)
+
+
 async def _metadata(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
     study = check_uid(study, "StudyInstanceUID")
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
-    if not accepts_dicom_json(request.headers.get("accept")):
+    if not accepts_dicom_json(_accept(request)):
         return Response(status_code=406)
     retrieve = ctx.services.retrieve
     partition = await run_in_threadpool(ctx.partition)
     etag = await run_in_threadpool(retrieve.metadata_etag, partition, study, series, sop)
-    if request.headers.get("if-none-match", "").strip().strip('"').lower() == etag.lower():
+    if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304)
     body = await run_in_threadpool(retrieve.metadata, partition, study, series, sop)
     return json_response(request, body, headers={"ETag": etag})
@@ -159,7 +205,7 @@ async def retrieve_frames(
     series = check_uid(series, "SeriesInstanceUID")
     instance = check_uid(instance, "SOPInstanceUID")
     numbers = parse_frame_numbers(frames)
-    multipart, media_type, syntax = negotiate_frames(request.headers.get("accept"))
+    multipart, media_type, syntax = negotiate_frames(_accept(request))
     if not multipart and len(numbers) > 1:
         raise InvalidRequest(SINGLE_FRAME_ONLY)
     retrieve = ctx.services.retrieve

@@ -65,8 +65,17 @@ def _read_element_header(f: BinaryIO, ts: UID) -> tuple[int, int] | None:
 def index_frames(f: BinaryIO, offset: int, file_size: int, ds: Dataset, ts: UID) -> FrameIndex | None:
     """Frame byte ranges of the Pixel Data element that starts at ``offset``, or ``None`` if it cannot be indexed.
 
-    Deflated files cannot be indexed (the offsets are of compressed bytes); they are served by decoding instead.
+    Deflated files cannot be indexed (the offsets are of compressed bytes); they are served by decoding instead, and
+    so is any file whose pixel data this reader cannot follow: indexing is an optimisation, never a reason to fail
+    a store.
     """
+    try:
+        return _index_frames(f, offset, file_size, ds, ts)
+    except (struct.error, ValueError, TypeError, OverflowError, OSError):
+        return None
+
+
+def _index_frames(f: BinaryIO, offset: int, file_size: int, ds: Dataset, ts: UID) -> FrameIndex | None:
     if offset >= file_size or ts.is_deflated:
         return None
     f.seek(offset)
@@ -107,7 +116,7 @@ def _index_encapsulated(f: BinaryIO, file_size: int, ds: Dataset, frames: int) -
         return [[(off, ln) for _, off, ln in fragments]]
     first_item = fragments[0][0]
     starts: list[int] | None = None
-    if bot_length:
+    if bot_length and bot_length % 4 == 0:
         f.seek(bot_value)
         starts = list(struct.unpack(f"<{bot_length // 4}I", f.read(bot_length)))
     elif "ExtendedOffsetTable" in ds:

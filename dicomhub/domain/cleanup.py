@@ -20,18 +20,26 @@ class CleanupService:
         self.blobs = blobs
         self.settings = settings
 
-    def run_once(self) -> int:
-        """One pass; returns how many files and stale rows it removed."""
+    def run_once(self, batch: int = 100) -> int:
+        """One pass; returns how many files and stale rows it removed.
+
+        Due files are taken in batches until none is left, so a large delete does not wait one interval per batch.
+        A file that cannot be deleted (whatever the error) is rescheduled; it never blocks the ones behind it.
+        """
         done = 0
-        for cleanup_id, key in self.index.due_blob_cleanups():
-            try:
-                self.blobs.delete(key)
-            except OSError:
-                log.warning("blob delete failed; will retry", extra={"blob_key": key})
-                self.index.retry_blob_cleanup(cleanup_id, RETRY_AFTER)
-                continue
-            self.index.finish_blob_cleanups([cleanup_id])
-            done += 1
+        while True:
+            due = self.index.due_blob_cleanups(batch)
+            for cleanup_id, key in due:
+                try:
+                    self.blobs.delete(key)
+                except Exception:
+                    log.warning("blob delete failed; will retry", extra={"blob_key": key}, exc_info=True)
+                    self.index.retry_blob_cleanup(cleanup_id, RETRY_AFTER)
+                    continue
+                self.index.finish_blob_cleanups([cleanup_id])
+                done += 1
+            if len(due) < batch:
+                break
         stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.stale_create_seconds)
         return done + self.rollback_unfinished_stores(stale_before)
 

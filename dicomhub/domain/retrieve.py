@@ -8,16 +8,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
-from dicomhub.dicom.transcode import UNCOMPRESSED, can_transcode, transcode
+from dicomhub.dicom.frames import native_frame_length
+from dicomhub.dicom.transcode import NATIVE, can_transcode, little_endian_pixel_data, transcode
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFound
 from dicomhub.index.records import Partition, StoredInstance
 from dicomhub.index.repository import Index
 
 ORIGINAL = "*"
+NO_PIXEL_DATA = "The specified frame cannot be found: the instance has no pixel data."
 
 
 def too_large_message(limit: int) -> str:
@@ -77,41 +81,53 @@ class RetrieveService:
 
     # -- frames -------------------------------------------------------------------------------------------------
     def frames(self, inst: StoredInstance, numbers: list[int], target: str) -> list[Part]:
+        """The requested frames (1-based) in ``target``: byte ranges recorded at store time when the stored bytes
+        can be sent as they are, else the frames of the parsed file (big endian, deflated, or not indexable)."""
         if not inst.frame_count:
-            raise ResourceNotFound("The specified frame cannot be found: the instance has no pixel data.")
+            raise ResourceNotFound(NO_PIXEL_DATA)
         missing = [n for n in numbers if n > inst.frame_count]
         if missing:
             raise ResourceNotFound(f"The specified frame {missing[0]} cannot be found.")
         stored = inst.transfer_syntax_uid
-        ranges = json.loads(inst.frames_json) if inst.frames_json else None
-        same_bytes = target in (ORIGINAL, stored) or (
-            stored in UNCOMPRESSED and UID(stored).is_little_endian and target == ExplicitVRLittleEndian
-        )
-        if same_bytes and ranges:
-            return [Part(stored if target == ORIGINAL else target, self._ranges(inst, ranges[n - 1])) for n in numbers]
-        if not can_transcode(stored, ExplicitVRLittleEndian if target == ORIGINAL else target):
+        native_le = stored in NATIVE and UID(stored).is_little_endian
+        if target not in (ORIGINAL, stored) and not (stored in NATIVE and target == ExplicitVRLittleEndian):
             raise NotAcceptable(f"The frames cannot be transcoded from '{stored}' to '{target}'.")
+        out = stored if target == ORIGINAL else target
+        ranges = json.loads(inst.frames_json) if inst.frames_json else None
+        if ranges and len(ranges) >= max(numbers) and (target in (ORIGINAL, stored) or native_le):
+            return [Part(out, self._ranges(inst, ranges[n - 1])) for n in numbers]
         if inst.file_size > self.settings.max_transcode_size:
             raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
-        pixels = self._decoded_frames(inst)
-        out = ExplicitVRLittleEndian if target == ORIGINAL else target
-        return [Part(out, iter([pixels[n - 1]])) for n in numbers]
+        frames = self._parsed_frames(inst, little_endian=target != ORIGINAL)
+        if any(n > len(frames) for n in numbers):
+            raise ResourceNotFound(f"The specified frame {max(numbers)} cannot be found.")
+        return [Part(out, iter([frames[n - 1]])) for n in numbers]
 
     def _ranges(self, inst: StoredInstance, fragments: list[list[int]]) -> Iterator[bytes]:
         for offset, length in fragments:
             yield from self.blobs.iter_range(inst.blob_key, offset, length)
 
-    def _decoded_frames(self, inst: StoredInstance) -> list[bytes]:
-        """Native little-endian frame bytes of an uncompressed file stored in another encoding (big endian,
-        deflated, or not indexable)."""
+    def _parsed_frames(self, inst: StoredInstance, little_endian: bool) -> list[bytes]:
+        """Every frame of the stored file: native pixel bytes (swapped to little endian when asked and needed), or
+        the joined fragments of each frame of encapsulated pixel data."""
         with self.blobs.open(inst.blob_key) as f:
             ds = pydicom.dcmread(f)
-        raw = ds.PixelData
-        bits = int(ds.BitsAllocated)
-        if not UID(inst.transfer_syntax_uid).is_little_endian and bits > 8:
-            raw = np.frombuffer(raw, dtype=f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
-        per = len(raw) // max(inst.frame_count, 1)
-        return [raw[i * per : (i + 1) * per] for i in range(inst.frame_count)]
+        if "PixelData" not in ds:
+            raise ResourceNotFound(NO_PIXEL_DATA)
+        count = inst.frame_count
+        if inst.transfer_syntax_uid not in NATIVE:
+            extended = None
+            if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+                extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+            frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
+            return [b"".join(fragments) for fragments in frames][:count]
+        raw = little_endian_pixel_data(ds, inst.transfer_syntax_uid) if little_endian else ds.PixelData
+        if int(ds.get("BitsAllocated", 0) or 0) == 1:
+            return _bit_packed_frames(raw, ds, count)
+        length = native_frame_length(ds)
+        if not length:
+            raise NotAcceptable("The frames of the instance cannot be extracted: unknown frame size.")
+        return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def metadata_etag(self, partition: Partition, study: str, series: str | None, sop: str | None) -> str:
@@ -128,6 +144,14 @@ class RetrieveService:
             level = "instance" if sop is not None else "series" if series is not None else "study"
             raise ResourceNotFound(f"The specified {level} cannot be found.")
         return "[" + ",".join(documents) + "]"
+
+
+def _bit_packed_frames(raw: bytes, ds: Dataset, count: int) -> list[bytes]:
+    """Frames of 1-bit pixel data, where frames need not start on a byte boundary: each one repacked on its own."""
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    available = min(count, len(bits) // pixels)
+    return [np.packbits(bits[i * pixels : (i + 1) * pixels], bitorder="little").tobytes() for i in range(available)]
 
 
 def parse_frame_numbers(text: str) -> list[int]:
