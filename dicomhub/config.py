@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
     gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")
-    delete_delay_seconds: float = Field(0.0, description="How long deleted files are kept before cleanup.")
+    delete_delay_seconds: float = Field(
+        60.0, description="How long files of deleted instances are kept, so retrieves already under way finish."
+    )
     cleanup_interval_seconds: float = Field(5.0, description="How often the background cleanup runs.")
     stale_create_seconds: float = Field(600.0, description="Age after which an unfinished store is rolled back.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")

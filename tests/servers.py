@@ -53,6 +53,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
         env["DICOMHUB_DATA_DIR"] = str(self.data_dir)
         env["DICOMHUB_CLEANUP_INTERVAL_SECONDS"] = "0.5"
+        env["DICOMHUB_DELETE_DELAY_SECONDS"] = "0"  # tests check that files go; production keeps them a minute
         if self.database_url:
             env["DICOMHUB_DATABASE_URL"] = self.database_url
         for key, value in self.settings.items():

@@ -183,6 +183,8 @@ def test_delete_study(server, http, study):
     assert "cannot be found" in second.text
     assert_files_removed(server, *study.instances)
     assert len(blob_files(server, other)) == 1
+    # the study's folders are pruned once empty
+    assert wait_until(lambda: not list((server.data_dir / "blobs").glob(f"*/{study.study}")))
 
 
 def test_delete_with_v1_route(server, http):

@@ -27,14 +27,20 @@ class FileSystemBlobStore:
 
     def put_file(self, key: str, staged: Path) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             fd = os.open(staged, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(staged, target)
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staged, target)
+                break
+            except FileNotFoundError:  # a concurrent delete pruned the empty folder between mkdir and rename
+                if attempt == 2:
+                    raise
         if self.fsync:
             _fsync_dir(target.parent)
 
@@ -60,7 +66,15 @@ class FileSystemBlobStore:
         return self._path(key).exists()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:  # prune folders left empty, up to the store's root
+            if folder == self.root or folder == self.staging:
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def discard_staging(self, staged: Path) -> None:
         staged.unlink(missing_ok=True)
