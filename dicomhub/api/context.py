@@ -50,7 +50,7 @@ def version_of(request: Request) -> int:
     return version
 
 
-def studies_context(request: Request) -> RequestContext:
+async def studies_context(request: Request) -> RequestContext:
     """Dependency of every Studies route (plain and partitioned)."""
     services: Services = request.app.state.services
     version = version_of(request)

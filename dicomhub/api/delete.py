@@ -15,8 +15,7 @@ async def _delete(ctx: RequestContext, study: str, series: str | None = None, so
     study = check_uid(study, "StudyInstanceUID")
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
-    partition = await run_in_threadpool(ctx.partition)
-    await run_in_threadpool(ctx.services.delete.delete, partition, study, series, sop)
+    await run_in_threadpool(lambda: ctx.services.delete.delete(ctx.partition(), study, series, sop))
     return Response(status_code=204)
 
 

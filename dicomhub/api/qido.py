@@ -35,8 +35,7 @@ async def _search(
         if parse_attribute_id(name) in in_path:
             raise InvalidRequest(f"Invalid query: AttributeId '{name}' is already specified in the path.")
     search = parse_search(params, resource, ctx.api_version, study, series)
-    partition = await run_in_threadpool(ctx.partition)
-    results = await run_in_threadpool(ctx.services.query.search, partition, search)
+    results = await run_in_threadpool(lambda: ctx.services.query.search(ctx.partition(), search))
     if not results:
         return Response(status_code=204)
     return json_response(request, results)

@@ -25,6 +25,7 @@ from dicomhub.api.media import (
 from dicomhub.api.responses import json_response
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 from dicomhub.domain.retrieve import ORIGINAL, Part, parse_frame_numbers
+from dicomhub.index.records import StoredInstance
 
 router = APIRouter(tags=["WADO-RS"])
 
@@ -102,22 +103,36 @@ def negotiate_frames(accept: str | None) -> tuple[bool, str, str]:
     return _best(((m, choice(m)) for m in parse_accept(accept)), lambda c: c[2])
 
 
+# Bodies up to this size are read in the worker thread and sent at once; larger ones are streamed.
+SMALL_BODY = 8 * 1024 * 1024
+
+
 async def _retrieve(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
     study = check_uid(study, "StudyInstanceUID")
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
     multipart, syntax = negotiate_instances(_accept(request), single_allowed=sop is not None)
     retrieve = ctx.services.retrieve
-    partition = await run_in_threadpool(ctx.partition)
-    found = await run_in_threadpool(retrieve.instances, partition, study, series, sop)
-    retrieve.check_transfer_syntax(found, syntax)
-    if not multipart:
-        part: Part = await run_in_threadpool(retrieve.file, found[0], syntax)
-        headers = (
-            {"Content-Length": str(found[0].file_size)} if part.transfer_syntax == found[0].transfer_syntax_uid else {}
-        )
+
+    def find() -> tuple[list[StoredInstance], Part | None, bytes | None]:
+        found = retrieve.instances(ctx.partition(), study, series, sop)
+        retrieve.check_transfer_syntax(found, syntax)
+        if multipart:
+            return found, None, None
+        single = retrieve.file(found[0], syntax)
+        return found, single, b"".join(single.chunks) if found[0].file_size <= SMALL_BODY else None
+
+    found, single, body = await run_in_threadpool(find)
+    if single is not None:
+        media = f"{DICOM}; transfer-syntax={single.transfer_syntax}"
+        if body is not None:
+            return Response(body, media_type=media)
         return StreamingResponse(
-            part.chunks, media_type=f"{DICOM}; transfer-syntax={part.transfer_syntax}", headers=headers
+            single.chunks,
+            media_type=media,
+            headers={"Content-Length": str(found[0].file_size)}
+            if single.transfer_syntax == found[0].transfer_syntax_uid
+            else {},
         )
 
     boundary = new_boundary()
@@ -165,11 +180,18 @@ async def _metadata(request: Request, ctx: RequestContext, study: str, series: s
     if not accepts_dicom_json(_accept(request)):
         return Response(status_code=406)
     retrieve = ctx.services.retrieve
-    partition = await run_in_threadpool(ctx.partition)
-    etag = await run_in_threadpool(retrieve.metadata_etag, partition, study, series, sop)
-    if _etag_matches(request.headers.get("if-none-match"), etag):
+    if_none_match = request.headers.get("if-none-match")
+
+    def read() -> tuple[str, str | None]:
+        partition = ctx.partition()
+        etag = retrieve.metadata_etag(partition, study, series, sop)
+        if _etag_matches(if_none_match, etag):
+            return etag, None
+        return etag, retrieve.metadata(partition, study, series, sop)
+
+    etag, body = await run_in_threadpool(read)
+    if body is None:
         return Response(status_code=304)
-    body = await run_in_threadpool(retrieve.metadata, partition, study, series, sop)
     return json_response(request, body, headers={"ETag": etag})
 
 
@@ -209,13 +231,30 @@ async def retrieve_frames(
     if not multipart and len(numbers) > 1:
         raise InvalidRequest(SINGLE_FRAME_ONLY)
     retrieve = ctx.services.retrieve
-    partition = await run_in_threadpool(ctx.partition)
-    found = await run_in_threadpool(retrieve.instances, partition, study, series, instance)
-    parts = await run_in_threadpool(retrieve.frames, found[0], numbers, syntax)
-    if not multipart:
-        return StreamingResponse(
-            parts[0].chunks, media_type=f"{media_type}; transfer-syntax={parts[0].transfer_syntax}"
-        )
     boundary = new_boundary()
-    body = multipart_body(((f"{media_type}; transfer-syntax={p.transfer_syntax}", p.chunks) for p in parts), boundary)
-    return StreamingResponse(body, media_type=multipart_content_type(media_type, boundary))
+
+    def read() -> tuple[list[Part], bytes | None]:
+        """Frames are usually small: read them here, in the worker thread, and answer in one piece."""
+        found = retrieve.instances(ctx.partition(), study, series, instance)
+        parts = retrieve.frames(found[0], numbers, syntax)
+        if found[0].file_size > SMALL_BODY:
+            return parts, None
+        if not multipart:
+            return parts, b"".join(parts[0].chunks)
+        labelled = ((f"{media_type}; transfer-syntax={p.transfer_syntax}", p.chunks) for p in parts)
+        return parts, b"".join(multipart_body(labelled, boundary))
+
+    parts, body = await run_in_threadpool(read)
+    if not multipart:
+        media = f"{media_type}; transfer-syntax={parts[0].transfer_syntax}"
+        return (
+            Response(body, media_type=media)
+            if body is not None
+            else StreamingResponse(parts[0].chunks, media_type=media)
+        )
+    if body is not None:
+        return Response(body, media_type=multipart_content_type(media_type, boundary))
+    labelled = ((f"{media_type}; transfer-syntax={p.transfer_syntax}", p.chunks) for p in parts)
+    return StreamingResponse(
+        multipart_body(labelled, boundary), media_type=multipart_content_type(media_type, boundary)
+    )
