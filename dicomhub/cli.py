@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -57,32 +60,73 @@ def migrate_command() -> None:
     console.print(f"index at revision head: {settings.index_url.split('@')[-1]}")
 
 
-def _dicom_sources(paths: list[Path], staging: Path) -> Iterator[tuple[str, Path]]:
-    """Yields (display name, file) for every file under the paths; zip members are extracted one at a time."""
+@dataclass
+class _Source:
+    """One file to import: ``path`` is ``None`` when it could not even be read (``error`` says why)."""
+
+    name: str
+    path: Path | None
+    extracted: bool = False
+    error: str | None = None
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _dicom_sources(paths: list[Path], staging: Path) -> Iterator[tuple[_Source, bool]]:
+    """Yields (source, last of its file) for every file under the paths; zip members are extracted one at a time.
+
+    A damaged archive (bad CRC, truncated member, encryption) fails only the members it cannot give.
+    """
     for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if zipfile.is_zipfile(file):
-                with zipfile.ZipFile(file) as archive:
-                    for member in archive.infolist():
-                        if member.is_dir():
-                            continue
-                        target = staging / f"zip-{member.filename.replace('/', '_')}"
+        for file in _files(path):
+            if not zipfile.is_zipfile(file):
+                yield _Source(str(file), file), True
+                continue
+            try:
+                archive = zipfile.ZipFile(file)
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                yield _Source(str(file), None, error=f"the zip archive could not be opened: {exc}"), True
+                continue
+            with archive:
+                members = [m for m in archive.infolist() if not m.is_dir()]
+                if not members:
+                    yield _Source(str(file), None, error="the zip archive has no files"), True
+                for number, member in enumerate(members, start=1):
+                    name = f"{file}!{member.filename}"
+                    target = staging / f"zip-{uuid.uuid4().hex}.part"
+                    try:
                         with archive.open(member) as src, open(target, "wb") as dst:
                             while chunk := src.read(1 << 20):
                                 dst.write(chunk)
-                        yield f"{file}!{member.filename}", target
-            else:
-                yield str(file), file
+                    except Exception as exc:  # bad CRC, truncated or encrypted member: fails this member only
+                        target.unlink(missing_ok=True)
+                        yield (
+                            _Source(name, None, error=f"the zip member could not be extracted: {exc}"),
+                            (number == len(members)),
+                        )
+                        continue
+                    yield _Source(name, target, extracted=True), number == len(members)
+
+
+def _reason(result) -> str:
+    text = f"{result.failure}: {result.detail}"
+    if result.comments:
+        text += " (" + "; ".join(result.comments) + ")"
+    return text
 
 
 @app.command("import")
 def import_command(
     paths: list[Path] = typer.Argument(..., exists=True, help="Files, folders (recursive) or zip archives."),
     partition: str = typer.Option(DEFAULT_PARTITION, help="Data partition to store into."),
-    api_version: int = typer.Option(2, help="Validation rules: 1 (strict) or 2 (lenient)."),
+    api_version: int = typer.Option(2, min=1, max=2, help="Validation rules: 1 (strict) or 2 (lenient)."),
 ) -> None:
-    """Load DICOM files through the same store path as STOW-RS, with a progress bar and a summary."""
+    """Load DICOM files through the same store path as STOW-RS, with a progress bar and a summary.
+
+    Exit code 1 when files failed and none was stored or already there (nothing useful happened), else 0.
+    """
     import shutil
 
     from dicomhub.domain.store import INSTANCE_EXISTS
@@ -90,7 +134,7 @@ def import_command(
 
     services = build_services(Settings())
     target = services.index.ensure_partition(partition)
-    total = sum(1 for p in paths for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
+    total = sum(len(_files(p)) for p in paths)
     outcome: Counter[str] = Counter()
     failures: list[tuple[str, str]] = []
     staging = services.blobs.new_staging_file().parent
@@ -98,21 +142,33 @@ def import_command(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     ) as progress:
         task = progress.add_task("importing", total=total)
-        for name, file in _dicom_sources(paths, staging):
-            staged = services.blobs.new_staging_file()
-            if file.parent == staging:
-                file.rename(staged)
-            else:
-                shutil.copyfile(file, staged)
-            result = services.store.store(target, staged, api_version, None)
-            if result.stored:
-                outcome["stored"] += 1
-            elif result.failure == INSTANCE_EXISTS:
-                outcome["duplicates"] += 1
-            else:
+        for source, last in _dicom_sources(paths, staging):
+            if source.path is None:
                 outcome["failed"] += 1
-                failures.append((name, f"{result.failure}: {result.detail}"))
-            if not name.count("!"):
+                failures.append((source.name, source.error or "unreadable"))
+            else:
+                staged = services.blobs.new_staging_file()
+                try:
+                    if source.extracted:
+                        source.path.rename(staged)
+                    else:
+                        shutil.copyfile(source.path, staged)
+                except OSError as exc:
+                    services.blobs.discard_staging(staged)
+                    outcome["failed"] += 1
+                    failures.append((source.name, f"the file could not be read: {exc}"))
+                else:
+                    result = services.store.store(target, staged, api_version, None)
+                    if result.stored:
+                        outcome["stored"] += 1
+                        if result.warning is not None:
+                            outcome["warnings"] += 1
+                    elif result.failure == INSTANCE_EXISTS:
+                        outcome["duplicates"] += 1
+                    else:
+                        outcome["failed"] += 1
+                        failures.append((source.name, _reason(result)))
+            if last:
                 progress.advance(task)
     table = Table(title="import summary")
     for column in ("stored", "duplicates", "failed"):
@@ -120,10 +176,15 @@ def import_command(
     table.add_row(*(str(outcome[c]) for c in ("stored", "duplicates", "failed")))
     console.print(table)
     for name, reason in failures[:50]:
-        console.print(f"[red]failed[/red] {name}: {reason}")
+        console.print(f"[red]failed[/red] {escape(name)}: {escape(reason)}", highlight=False, soft_wrap=True)
     if len(failures) > 50:
         console.print(f"... and {len(failures) - 50} more failures")
-    raise typer.Exit(code=1 if outcome["failed"] and not outcome["stored"] else 0)
+    summary = (
+        f"imported: {outcome['stored']} stored ({outcome['warnings']} with warnings), "
+        f"{outcome['duplicates']} duplicates, {outcome['failed']} failed"
+    )
+    console.print(summary, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1 if outcome["failed"] and not (outcome["stored"] or outcome["duplicates"]) else 0)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ class MultipartSpooler:
 
     def __init__(self, boundary: str, new_file: Callable[[], Path], max_part_size: int) -> None:
         self.parts: list[SpooledPart] = []
+        self._boundary = boundary.encode("latin-1")
         self._new_file = new_file
         self._max = max_part_size
         self._file: BinaryIO | None = None
@@ -170,10 +171,17 @@ class MultipartSpooler:
         self._ended = True
 
     async def consume(self, stream: AsyncIterator[bytes]) -> list[SpooledPart]:
+        preamble = _PreambleSkipper(self._delimiter)
         try:
             async for chunk in stream:
-                if chunk:
-                    self._parser.write(chunk)
+                data = preamble.feed(chunk) if not preamble.done else chunk
+                if data:
+                    self._parser.write(data)
+            if not preamble.done:
+                raise InvalidRequest(
+                    "The multipart request body is malformed: "
+                    f"it has no boundary delimiter line '{self._delimiter.decode('latin-1')}'."
+                )
             self._parser.finalize()
         except MultipartParseError as exc:
             raise InvalidRequest(f"The multipart request body is malformed: {exc}") from None
@@ -182,6 +190,48 @@ class MultipartSpooler:
         if not self._ended:
             raise InvalidRequest("The multipart request body is malformed: it ends before the closing boundary.")
         return self.parts
+
+    @property
+    def _delimiter(self) -> bytes:
+        return b"--" + self._boundary
+
+
+class _PreambleSkipper:
+    """Drops the RFC 2046 preamble: anything before the first delimiter line (``--boundary`` at a line start)."""
+
+    MAX_PREAMBLE = 64 * 1024
+
+    def __init__(self, delimiter: bytes) -> None:
+        self._delimiter = delimiter
+        self._buffer = bytearray()
+        self._seen = 0
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buffer.extend(chunk)
+        if self._buffer.startswith(self._delimiter) and self._seen == 0:
+            return self._finish(0)
+        at = self._buffer.find(b"\r\n" + self._delimiter)
+        if at >= 0:
+            return self._finish(at + 2)
+        if self._seen == 0 and len(self._buffer) < len(self._delimiter) and self._delimiter.startswith(self._buffer):
+            return b""  # too short to decide yet
+        keep = len(self._delimiter) + 1
+        if len(self._buffer) > keep:
+            self._seen += len(self._buffer) - keep
+            del self._buffer[:-keep]
+        if self._seen > self.MAX_PREAMBLE:
+            raise InvalidRequest(
+                "The multipart request body is malformed: no boundary delimiter line "
+                f"'{self._delimiter.decode('latin-1')}' in its first {self.MAX_PREAMBLE} bytes."
+            )
+        return b""
+
+    def _finish(self, start: int) -> bytes:
+        self.done = True
+        data = bytes(self._buffer[start:])
+        self._buffer.clear()
+        return data
 
 
 def stow_boundary(content_type: str | None) -> str | None:

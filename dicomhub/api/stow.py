@@ -6,12 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, check_uid, studies_context
 from dicomhub.api.media import DICOM, MultipartSpooler, SpooledPart, accepts_dicom_json, stow_boundary
 from dicomhub.api.responses import json_response
-from dicomhub.domain.errors import PayloadTooLarge, UnsupportedMediaType
+from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from dicomhub.domain.store import StoreResult
 
 router = APIRouter(tags=["STOW-RS"])
@@ -38,7 +39,11 @@ async def _store(request: Request, ctx: RequestContext, study: str | None) -> Re
         return Response(status_code=406)
     blobs = ctx.services.blobs
     boundary = stow_boundary(request.headers.get("content-type"))
-    parts = await (_spool_single(request, ctx) if boundary is None else _spool_multipart(request, ctx, boundary))
+    try:
+        parts = await (_spool_single(request, ctx) if boundary is None else _spool_multipart(request, ctx, boundary))
+    except ClientDisconnect:
+        # nobody is left to answer; a 400 keeps it out of the unexpected-error log (spooled parts are already gone)
+        raise InvalidRequest("The client closed the connection before the request body was complete.") from None
     try:
         related = "application/dicom"
         for part in parts:
@@ -68,15 +73,22 @@ async def _store(request: Request, ctx: RequestContext, study: str | None) -> Re
     return json_response(request, dataset, status_code=status, headers=headers)
 
 
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+
+
 async def _spool_single(request: Request, ctx: RequestContext) -> list[SpooledPart]:
     limit = ctx.services.settings.max_file_size
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)  # no need to read a body that cannot be accepted
     part = SpooledPart(ctx.services.blobs.new_staging_file(), DICOM)
     try:
         with open(part.path, "wb") as f:
             async for chunk in request.stream():
                 part.size += len(chunk)
                 if part.size > limit:
-                    raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+                    raise _too_large(limit)
                 f.write(chunk)
     except BaseException:
         ctx.services.blobs.discard_staging(part.path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from datetime import datetime
+
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -12,6 +16,24 @@ from dicomhub.dicom.uids import is_valid_uid
 
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"})
 _CONTROL_ALLOWED = {"\x1b"}
+_DATE = re.compile(r"^[0-9]{8}$")
+_PYDICOM_HINT = re.compile(r"\s*Please see <[^>]*> for allowed values for each VR\.?")
+DA_PATTERN_MESSAGE = "one of the date values does not match the pattern YYYYMMDD"
+
+
+def invalid_character(name: str, vr: str) -> str:
+    return f"Dicom element '{name}' failed validation for VR '{vr}': Value contains invalid character."
+
+
+def _is_date(value: str) -> bool:
+    """A DA value is a real calendar date written as YYYYMMDD (no ranges, no separators)."""
+    if not _DATE.match(value):
+        return False
+    try:
+        datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
 
 
 def error_comment(tag: int, message: str) -> str:
@@ -38,44 +60,86 @@ def element_error(elem: DataElement, trim_nul: bool) -> str | None:
     if vr == "SQ" or vr not in _STRING_VRS | {"FL", "FD", "SL", "SS", "UL", "US", "AT", "LT", "ST", "UT", "UR"}:
         return None
     name = keyword_of(int(elem.tag))
-    for value in values_of(elem):
+    try:
+        values = values_of(elem)
+    except Exception as exc:  # a value pydicom cannot even decode
+        return undecodable(int(elem.tag), exc)
+    for value in values:
         if isinstance(value, str):
             if trim_nul:
                 value = value.rstrip("\0")
             if vr in _STRING_VRS and any(ord(c) < 0x20 and c not in _CONTROL_ALLOWED for c in value):
-                return f"Dicom element '{name}' failed validation for VR '{vr}': Value contains invalid character."
+                return invalid_character(name, vr)
             if vr == "UI":
                 if value and not is_valid_uid(value):
                     return f"Dicom element '{name}' failed validation for VR 'UI': DICOM Identifier is invalid."
                 continue
+            if vr == "DA":
+                if value.strip() and not _is_date(value.strip()):
+                    return f'Content "{value}" does not validate VR DA: {DA_PATTERN_MESSAGE}'
+                continue
         try:
             validate_value(vr, str(value) if vr in _STRING_VRS and vr != "PN" else value, config.RAISE)
         except (ValueError, TypeError) as exc:
-            return f'Content "{value}" does not validate VR {vr}: {exc}'
+            return f'Content "{value}" does not validate VR {vr}: {_PYDICOM_HINT.sub("", str(exc))}'
     return None
+
+
+def undecodable(tag: int, exc: Exception) -> str:
+    """The error of an element whose bytes pydicom cannot turn into a value (bad VR, bad length, bad encoding)."""
+    detail = _PYDICOM_HINT.sub("", str(exc)).split("\n")[0][:200]
+    return f"Dicom element '{keyword_of(tag)}' could not be decoded: {detail}"
+
+
+def decoded_elements(ds) -> Iterator[tuple[int, DataElement | None, Exception | None]]:
+    """(tag, element, None) for each element, or (tag, None, error) when its raw value cannot be decoded.
+
+    Iterating a pydicom dataset decodes each raw element and stops at the first one that fails; a damaged element
+    must fail (or be dropped) on its own, not take the whole instance down with an unexpected error.
+    """
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except Exception as exc:
+            yield int(tag), None, exc
+            continue
+        yield int(tag), elem, None
 
 
 def dataset_errors(ds, trim_nul: bool, skip: frozenset[int] = frozenset()) -> dict[int, str]:
     """Top-level tag -> first error found in it or in any nested sequence item."""
     errors: dict[int, str] = {}
-    for elem in ds:
-        tag = int(elem.tag)
-        if tag in skip or elem.tag.element == 0:
+    for tag, elem, failure in decoded_elements(ds):
+        if tag in skip or tag & 0xFFFF == 0:
+            continue
+        if elem is None:
+            errors[tag] = undecodable(tag, failure)
             continue
         if elem.VR == "SQ":
-            for item in elem.value:
-                nested = dataset_errors(item, trim_nul)
-                if nested:
-                    errors[tag] = next(iter(nested.values()))
-                    break
+            try:
+                for item in elem.value:
+                    nested = dataset_errors(item, trim_nul)
+                    if nested:
+                        errors[tag] = next(iter(nested.values()))
+                        break
+            except Exception as exc:
+                errors[tag] = undecodable(tag, exc)
             continue
         try:
             message = element_error(elem, trim_nul)
         except Exception as exc:  # a value pydicom could not even decode
-            message = f"Value could not be decoded: {exc}"
+            message = undecodable(tag, exc)
         if message:
             errors[tag] = message
     return errors
 
 
-__all__ = ["dataset_errors", "element_error", "error_comment", "values_of"]
+__all__ = [
+    "dataset_errors",
+    "decoded_elements",
+    "element_error",
+    "error_comment",
+    "invalid_character",
+    "undecodable",
+    "values_of",
+]
