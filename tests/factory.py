@@ -67,7 +67,9 @@ def make_instance(**kwargs) -> bytes:
     return to_bytes(make_dataset(**kwargs))
 
 
-def multipart(parts: list[bytes], boundary: str = "dicomhub-test-boundary", part_type: str | None = "application/dicom"):
+def multipart(
+    parts: list[bytes], boundary: str = "dicomhub-test-boundary", part_type: str | None = "application/dicom"
+):
     """(content type header, body) of a multipart/related STOW request."""
     chunks = []
     for part in parts:

@@ -401,13 +401,18 @@ def test_sigkill_during_stores_loses_nothing_acknowledged(tmp_path, engine):
     orphan = make_dataset(study=study, rows=128, columns=256)
     index = Index(make_engine(server.env().get("DICOMHUB_DATABASE_URL") or f"sqlite:///{data_dir / 'index.db'}"))
     partition = index.ensure_partition(DEFAULT_PARTITION)
-    index.begin_create(
-        partition.key, study, orphan.SeriesInstanceUID, orphan.SOPInstanceUID, datetime.now(UTC) - timedelta(hours=1)
+    index.begin_creates(
+        partition.key,
+        [(study, orphan.SeriesInstanceUID, orphan.SOPInstanceUID)],
+        datetime.now(UTC) - timedelta(hours=1),
     )
     index.engine.dispose()
     sent[orphan.SOPInstanceUID] = (orphan.SeriesInstanceUID, to_bytes(orphan))
 
-    restarted = Server(data_dir, database_url).start()
+    # SQLite (one process) rolls unfinished stores back at start-up; on PostgreSQL other processes may be mid-store,
+    # so a reservation is taken over once older than DICOMHUB_STALE_CREATE_SECONDS (1 s here, 600 s by default).
+    restarted = Server(data_dir, database_url, stale_create_seconds="1").start()
+    time.sleep(1.5)
     try:
         with httpx.Client(base_url=restarted.url, timeout=30) as client:
             visible = _study_instances(client, study)

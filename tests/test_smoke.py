@@ -34,4 +34,9 @@ def test_store_find_fetch_delete_with_dicomweb_client(server, http):
     assert raw.content[128:132] == b"DICM"
 
     assert http.delete(f"/v2/studies/{ds.StudyInstanceUID}").status_code == 204
-    assert http.get(f"/v2/studies/{ds.StudyInstanceUID}/metadata", headers={"Accept": "application/dicom+json"}).status_code == 404
+    assert (
+        http.get(
+            f"/v2/studies/{ds.StudyInstanceUID}/metadata", headers={"Accept": "application/dicom+json"}
+        ).status_code
+        == 404
+    )

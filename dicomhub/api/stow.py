@@ -55,17 +55,12 @@ async def _store(request: Request, ctx: RequestContext, study: str | None) -> Re
         raise
     if not parts:
         return Response(status_code=204)
-    partition = await run_in_threadpool(ctx.partition_for_store)
-    results: list[StoreResult] = []
-    for index, part in enumerate(parts):
-        try:
-            results.append(
-                await run_in_threadpool(ctx.services.store.store, partition, part.path, ctx.api_version, study)
-            )
-        except BaseException:
-            for rest in parts[index + 1 :]:
-                blobs.discard_staging(rest.path)
-            raise
+
+    def store_all() -> list[StoreResult]:
+        partition = ctx.partition_for_store()
+        return ctx.services.store.store_many(partition, [p.path for p in parts], ctx.api_version, study)
+
+    results = await run_in_threadpool(store_all)
     status, dataset = stow_response(results, ctx.base_url(), study, ctx.api_version)
     headers = {}
     if any(r.multiple_values_indexed for r in results if r.stored):

@@ -31,5 +31,8 @@ class BlobStore(Protocol):
 
     def discard_staging(self, staged: Path) -> None: ...
 
+    def purge_staging(self, older_than: float) -> int:
+        """Removes spooled uploads untouched for ``older_than`` seconds (left by a crash); returns how many."""
+
     def health(self) -> None:
         """Raises when the store cannot be written."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,18 @@ class FileSystemBlobStore:
 
     def discard_staging(self, staged: Path) -> None:
         staged.unlink(missing_ok=True)
+
+    def purge_staging(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.staging.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def health(self) -> None:
         probe = self.staging / f"health-{uuid.uuid4().hex}"

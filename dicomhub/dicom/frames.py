@@ -8,13 +8,14 @@ from typing import BinaryIO
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from dicomhub.dicom.integrity import read_element_header
+
 Fragment = tuple[int, int]  # (file offset, length)
 FrameIndex = list[list[Fragment]]  # frame -> fragments; native frames have exactly one range
 
 _ITEM = 0xFFFEE000
 _SEQ_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"}
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -38,30 +39,6 @@ def native_frame_length(ds: Dataset) -> int | None:
     return pixels * (bits // 8)
 
 
-def _read_element_header(f: BinaryIO, ts: UID) -> tuple[int, int] | None:
-    """Reads the header of the element at the file position; returns (tag, length)."""
-    if ts.is_implicit_VR:
-        raw = f.read(8)
-        if len(raw) < 8:
-            return None
-        group, elem, length = struct.unpack("<HHI", raw)
-        return (group << 16) | elem, length
-    endian = "<" if ts.is_little_endian else ">"
-    raw = f.read(8)
-    if len(raw) < 8:
-        return None
-    group, elem = struct.unpack(endian + "HH", raw[:4])
-    vr = raw[4:6]
-    if vr in _LONG_VRS:
-        extra = f.read(4)
-        if len(extra) < 4:
-            return None
-        (length,) = struct.unpack(endian + "I", extra)
-    else:
-        (length,) = struct.unpack(endian + "H", raw[6:8])
-    return (group << 16) | elem, length
-
-
 def index_frames(f: BinaryIO, offset: int, file_size: int, ds: Dataset, ts: UID) -> FrameIndex | None:
     """Frame byte ranges of the Pixel Data element that starts at ``offset``, or ``None`` if it cannot be indexed.
 
@@ -79,7 +56,7 @@ def _index_frames(f: BinaryIO, offset: int, file_size: int, ds: Dataset, ts: UID
     if offset >= file_size or ts.is_deflated:
         return None
     f.seek(offset)
-    header = _read_element_header(f, ts)
+    header = read_element_header(f, "<" if ts.is_little_endian else ">", ts.is_implicit_VR)
     if header is None or header[0] != 0x7FE00010:
         return None
     _, length = header

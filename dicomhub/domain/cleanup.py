@@ -12,6 +12,8 @@ from dicomhub.index.repository import Index
 
 log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(minutes=5)
+# An upload's spool file is written to as the body arrives; one untouched this long belongs to a dead request.
+STAGING_MAX_IDLE = timedelta(hours=1)
 
 
 class CleanupService:
@@ -41,6 +43,7 @@ class CleanupService:
             if len(due) < batch:
                 break
         stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.stale_create_seconds)
+        done += self.blobs.purge_staging(STAGING_MAX_IDLE.total_seconds())
         return done + self.rollback_unfinished_stores(stale_before)
 
     def rollback_unfinished_stores(self, started_before: datetime) -> int:
@@ -51,5 +54,5 @@ class CleanupService:
         pending = self.index.stale_creates(started_before)
         for row in pending:
             self.blobs.delete(blob_key(row.partition_key, row.study_uid, row.series_uid, row.sop_uid, row.watermark))
-            self.index.abort_create(row.watermark)
+            self.index.abort_creates([row.watermark])
         return len(pending)

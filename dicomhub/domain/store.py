@@ -1,9 +1,9 @@
-"""STOW: validate one spooled instance, make its file durable, then commit it to the index.
+"""STOW: validate spooled instances, make their files durable, then commit them to the index.
 
-The order is fixed: reserve the UIDs (``creating`` row), write and fsync the file, then one transaction makes the
-instance visible with its change-feed entry. A crash in between leaves only a ``creating`` row that the cleanup rolls
-back; it never leaves a visible instance without its file. On PostgreSQL a store also holds an advisory lock on the
-instance's UIDs (:class:`CreateGuard`), so a re-store recognises a crashed writer's row at once and takes it over.
+The order is fixed: reserve the UIDs (``creating`` rows), write and fsync the files, then one transaction makes the
+instances visible with their change-feed entries. A crash in between leaves only ``creating`` rows that the cleanup
+rolls back (at start-up in the embedded mode, once older than ``DICOMHUB_STALE_CREATE_SECONDS`` otherwise); it never
+leaves a visible instance without its file.
 
 A file is refused (43264) before anything is reserved when it cannot be parsed, ends inside an element (an upload
 cut short), or has an unknown transfer syntax.
@@ -11,12 +11,8 @@ cut short), or has an unknown transfer syntax.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,13 +21,12 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Engine, create_engine, text
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import index_frames, number_of_frames
+from dicomhub.dicom.integrity import truncation
 from dicomhub.dicom.json_model import dataset_to_json
-from dicomhub.dicom.names import name_words
 from dicomhub.dicom.tags import format_tag
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.dicom.validation import (
@@ -48,9 +43,8 @@ from dicomhub.domain.attributes import (
     REQUIRED_UIDS,
     SOP_CLASS_UID,
     SOP_UID,
-    STUDY,
     STUDY_UID,
-    fold_value,
+    indexed_values,
 )
 from dicomhub.index.records import NewInstance, Partition
 from dicomhub.index.repository import Index, InstanceExists
@@ -65,7 +59,10 @@ INSTANCE_BEING_CREATED = 45071
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 45063
 VALIDATION_WARNING = 1
 
+BATCH_SIZE = 64  # instances committed together; bounds the transaction and the prepared metadata held in memory
 STUDY_MISMATCH = "The StudyInstanceUid in the payload does not match the specified StudyInstanceUid."
+INSTANCE_EXISTS_DETAIL = "The instance already exists; delete it first to replace it."
+BEING_CREATED_DETAIL = "The instance is being created by another request."
 
 
 @dataclass
@@ -86,6 +83,9 @@ class StoreResult:
     def stored(self) -> bool:
         return self.failure is None
 
+    def reject(self, rejected: _Rejected) -> None:
+        self.failure, self.detail, self.comments = rejected.reason, rejected.detail, rejected.comments
+
 
 class _Rejected(Exception):
     def __init__(self, reason: int, detail: str, comments: list[str] | None = None) -> None:
@@ -95,59 +95,21 @@ class _Rejected(Exception):
         self.comments = comments or []
 
 
-class CreateGuard:
-    """Tells a live store of an instance from one that a crash cut short.
-
-    PostgreSQL: a session-level advisory lock keyed by the instance's UIDs, taken on a connection of its own before
-    the ``creating`` row is written and released after the store commits or aborts. The database drops the lock
-    as soon as the holder's connection dies (process killed, host gone), so whoever can take the lock while a
-    ``creating`` row exists knows that row's writer is dead. Several server processes may share the database.
-
-    SQLite is single-process: the server rolls back every ``creating`` row at start-up, so no lock is needed.
-    """
-
-    def __init__(self, index: Index) -> None:
-        self.detects_crashed_owners = index.dialect == "postgresql"
-        # A pool of its own: a store holds its lock connection while it waits for index connections, so sharing the
-        # index pool could exhaust it with lock holders.
-        self._engine: Engine | None = (
-            create_engine(index.engine.url, pool_size=4, max_overflow=64, pool_pre_ping=True)
-            if self.detects_crashed_owners
-            else None
-        )
-
-    @staticmethod
-    def lock_key(partition_key: int, study_uid: str, series_uid: str, sop_uid: str) -> int:
-        digest = hashlib.blake2b(f"{partition_key}/{study_uid}/{series_uid}/{sop_uid}".encode(), digest_size=8)
-        return int.from_bytes(digest.digest(), "big", signed=True)
-
-    @contextmanager
-    def hold(self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str) -> Iterator[bool]:
-        """Yields whether this process now exclusively stores the instance (``False``: another live store does)."""
-        if self._engine is None:
-            yield True
-            return
-        key = self.lock_key(partition_key, study_uid, series_uid, sop_uid)
-        conn = self._engine.connect()
-        acquired = False
-        try:
-            acquired = bool(conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
-            conn.commit()
-            yield acquired
-        finally:
-            try:
-                if acquired:
-                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                    conn.commit()
-            except Exception:
-                log.warning("advisory unlock failed; dropping the connection releases it", exc_info=True)
-                conn.invalidate()
-            finally:
-                conn.close()
-
-
 def blob_key(partition_key: int, study_uid: str, series_uid: str, sop_uid: str, watermark: int) -> str:
     return f"{partition_key}/{study_uid}/{series_uid}/{sop_uid}.{watermark}.dcm"
+
+
+@dataclass
+class _Prepared:
+    """A validated file waiting to be reserved, written and committed."""
+
+    staged: Path
+    result: StoreResult
+    instance: NewInstance
+
+    @property
+    def uids(self) -> tuple[str, str, str]:
+        return self.instance.study_uid, self.instance.series_uid, self.instance.sop_uid
 
 
 class StoreService:
@@ -155,24 +117,86 @@ class StoreService:
         self.index = index
         self.blobs = blobs
         self.settings = settings
-        self.guard = CreateGuard(index)
 
     def store(self, partition: Partition, staged: Path, api_version: int, study_uid_in_path: str | None) -> StoreResult:
-        """Stores the spooled file ``staged`` (consumed either way) and reports the outcome."""
-        result = StoreResult()
-        try:
-            self._store(partition, staged, api_version, study_uid_in_path, result)
-        except _Rejected as rejected:
-            result.failure, result.detail = rejected.reason, rejected.detail
-            result.comments = rejected.comments
-        except Exception:
-            log.exception("store failed", extra={"sop_uid": result.sop_uid})
-            result.failure, result.detail = PROCESSING_FAILURE, "processing failure"
-        finally:
-            self.blobs.discard_staging(staged)
-        return result
+        """Stores one spooled file (consumed either way) and reports the outcome."""
+        return self.store_many(partition, [staged], api_version, study_uid_in_path)[0]
 
-    def _store(self, partition: Partition, staged: Path, api_version: int, path_study: str | None, result: StoreResult):
+    def store_many(
+        self, partition: Partition, staged: list[Path], api_version: int, study_uid_in_path: str | None
+    ) -> list[StoreResult]:
+        """Stores the spooled files of one request (each consumed either way); one outcome per file, in order.
+
+        The files are validated one by one, then reserved together, written, and committed in one transaction per
+        batch of ``BATCH_SIZE``: a request of 50 instances costs two commits, not a hundred.
+        """
+        results: list[StoreResult] = []
+        for start in range(0, len(staged), BATCH_SIZE):
+            results.extend(
+                self._store_batch(partition, staged[start : start + BATCH_SIZE], api_version, study_uid_in_path)
+            )
+        return results
+
+    def _store_batch(
+        self, partition: Partition, staged: list[Path], api_version: int, study_uid_in_path: str | None
+    ) -> list[StoreResult]:
+        results: list[StoreResult] = []
+        ready: list[_Prepared] = []
+        try:
+            for path in staged:
+                result = StoreResult()
+                results.append(result)
+                try:
+                    ready.append(self._prepare(partition, path, api_version, study_uid_in_path, result))
+                except _Rejected as rejected:
+                    result.reject(rejected)
+                    self.blobs.discard_staging(path)
+                except Exception:
+                    log.exception("store failed", extra={"sop_uid": result.sop_uid})
+                    result.reject(_Rejected(PROCESSING_FAILURE, "processing failure"))
+                    self.blobs.discard_staging(path)
+            self._commit(partition, ready)
+        finally:
+            for item in ready:
+                self.blobs.discard_staging(item.staged)
+        return results
+
+    def _commit(self, partition: Partition, ready: list[_Prepared]) -> None:
+        """Reserve, write durably, then make visible; a failure of the last step fails the whole batch (272)."""
+        if not ready:
+            return
+        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.stale_create_seconds)
+        reservations = self.index.begin_creates(partition.key, [p.uids for p in ready], stale_before)
+        seen: set[tuple[str, str, str]] = set()
+        reserved: list[_Prepared] = []
+        for item, reservation in zip(ready, reservations, strict=True):
+            if isinstance(reservation, InstanceExists):
+                if not reservation.creating or item.uids in seen:  # a twin earlier in this request exists now
+                    item.result.reject(_Rejected(INSTANCE_EXISTS, INSTANCE_EXISTS_DETAIL))
+                else:
+                    item.result.reject(_Rejected(INSTANCE_BEING_CREATED, BEING_CREATED_DETAIL))
+                continue
+            seen.add(item.uids)
+            item.instance.watermark = reservation
+            item.instance.blob_key = blob_key(partition.key, *item.uids, reservation)
+            reserved.append(item)
+        written: list[_Prepared] = []
+        try:
+            for item in reserved:
+                self.blobs.put_file(item.instance.blob_key, item.staged)
+                written.append(item)
+            self.index.complete_creates([item.instance for item in reserved])
+        except Exception:
+            log.exception("store commit failed", extra={"count": len(reserved)})
+            self.index.abort_creates([item.instance.watermark for item in reserved])
+            for item in written:
+                self.blobs.delete(item.instance.blob_key)
+            for item in reserved:
+                item.result.reject(_Rejected(PROCESSING_FAILURE, "processing failure"))
+
+    def _prepare(
+        self, partition: Partition, staged: Path, api_version: int, path_study: str | None, result: StoreResult
+    ) -> _Prepared:
         ds, pixel_offset, size, raw_nul = _read_header(staged)
         result.sop_class_uid = _text(ds, SOP_CLASS_UID)
         result.sop_uid = _text(ds, SOP_UID)
@@ -204,9 +228,8 @@ class StoreService:
         elif lenient and result.comments:
             result.warning = VALIDATION_WARNING
 
-        model, unconvertible = dataset_to_json(ds, skip=frozenset(dropped))
-        study_values, series_values, multi = _indexed_values(ds, dropped | set(unconvertible))
-        result.multiple_values_indexed = multi
+        model, _ = dataset_to_json(ds, skip=frozenset(dropped))
+        values, result.multiple_values_indexed = indexed_values(model)
         frames, frame_count = None, 0
         if "Rows" in ds:
             try:  # frame ranges only speed up frame retrieval: a damaged image attribute must not fail the store
@@ -216,77 +239,22 @@ class StoreService:
             except Exception:
                 log.warning("pixel data could not be indexed", extra={"sop_uid": sop_uid}, exc_info=True)
                 frames, frame_count = None, frame_count or 1
-
-        with self.guard.hold(partition.key, study_uid, series_uid, sop_uid) as exclusive:
-            if not exclusive:
-                raise _Rejected(INSTANCE_BEING_CREATED, "The instance is being created by another request.")
-            watermark = self._reserve(partition.key, study_uid, series_uid, sop_uid)
-            key = blob_key(partition.key, study_uid, series_uid, sop_uid, watermark)
-            try:
-                self.blobs.put_file(key, staged)
-                self.index.complete_create(
-                    NewInstance(
-                        partition_key=partition.key,
-                        watermark=watermark,
-                        study_uid=study_uid,
-                        series_uid=series_uid,
-                        sop_uid=sop_uid,
-                        sop_class_uid=normalize_uid(result.sop_class_uid or ""),
-                        transfer_syntax_uid=str(ts),
-                        blob_key=key,
-                        file_size=size,
-                        frame_count=frame_count,
-                        frames_json=json.dumps(frames, separators=(",", ":")) if frames else None,
-                        metadata_json=json.dumps(model, separators=(",", ":"), ensure_ascii=False),
-                        study_values=study_values,
-                        series_values=series_values,
-                        patient_name_words=name_words(_text(ds, 0x00100010)) if 0x00100010 not in dropped else [],
-                        referring_physician_words=(
-                            name_words(_text(ds, 0x00080090)) if 0x00080090 not in dropped else []
-                        ),
-                    )
-                )
-            except BaseException:
-                self.index.abort_create(watermark)
-                self.blobs.delete(key)
-                raise
-
-    def _reserve(self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str) -> int:
-        """The ``creating`` row for the UIDs; called while holding the instance's create guard.
-
-        A ``creating`` row found while we hold the guard cannot belong to a live store (every store holds the guard
-        from before it reserves until it commits or aborts): it was left by a process that crashed in between, so it
-        is rolled back and the reservation retried at once, instead of blocking re-stores until it goes stale.
-        """
-        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.stale_create_seconds)
-        for attempt in (1, 2):
-            try:
-                return self.index.begin_create(partition_key, study_uid, series_uid, sop_uid, stale_before)
-            except InstanceExists as exists:
-                if not exists.creating:
-                    raise _Rejected(
-                        INSTANCE_EXISTS, "The instance already exists; delete it first to replace it."
-                    ) from None
-                if attempt == 2 or not self.guard.detects_crashed_owners:
-                    raise _Rejected(
-                        INSTANCE_BEING_CREATED, "The instance is being created by another request."
-                    ) from None
-                self._roll_back_crashed_create(partition_key, study_uid, series_uid, sop_uid)
-        raise AssertionError("unreachable")
-
-    def _roll_back_crashed_create(self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str) -> None:
-        for row in self.index.stale_creates(datetime.now(UTC) + timedelta(days=1)):
-            if (row.partition_key, row.study_uid, row.series_uid, row.sop_uid) == (
-                partition_key,
-                study_uid,
-                series_uid,
-                sop_uid,
-            ):
-                log.warning("rolling back a store left unfinished by a crash", extra={"sop_uid": sop_uid})
-                self.blobs.delete(
-                    blob_key(row.partition_key, row.study_uid, row.series_uid, row.sop_uid, row.watermark)
-                )
-                self.index.abort_create(row.watermark)
+        instance = NewInstance(
+            partition_key=partition.key,
+            watermark=0,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            sop_class_uid=normalize_uid(result.sop_class_uid or ""),
+            transfer_syntax_uid=str(ts),
+            blob_key="",
+            file_size=size,
+            frame_count=frame_count,
+            frames_json=json.dumps(frames, separators=(",", ":")) if frames else None,
+            metadata_json=json.dumps(model, separators=(",", ":"), ensure_ascii=False),
+            values=values,
+        )
+        return _Prepared(staged, result, instance)
 
     @staticmethod
     def _check_required(ds: Dataset, lenient: bool) -> None:
@@ -376,103 +344,12 @@ def _read_header(staged: Path) -> tuple[Dataset, int, int, set[int]]:
     if not ts.is_transfer_syntax:
         message = f"The transfer syntax '{ts}' is not a known transfer syntax."
         raise _Rejected(VALIDATION_FAILURE, message, [error_comment(0x00020010, message)])
-    cut = _truncation(staged, ds, offset, size)
+    cut = truncation(staged, ds, offset, size)
     if cut is not None:
         tag, message = cut
         comment = error_comment(tag, message[:1].upper() + message[1:])
         raise _Rejected(VALIDATION_FAILURE, f"The DICOM file is truncated: {message}", [comment])
     return ds, offset, size, _raw_nul_tags(ds)
-
-
-_PIXEL_DATA = 0x7FE00010
-_ITEM, _SEQUENCE_DELIMITER, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-
-
-def _element_header(f, endian: str, implicit: bool) -> tuple[int, int] | None:
-    """(tag, length) of the element header at the file position, or ``None`` when the file ends inside it."""
-    head = f.read(8)
-    if len(head) < 8:
-        return None
-    group, element = struct.unpack(endian + "HH", head[:4])
-    vr = head[4:6]
-    if implicit or not (b"AA" <= vr <= b"ZZ"):  # a writer that switched to implicit VR (pydicom reads it so too)
-        (length,) = struct.unpack(endian + "I", head[4:])
-    elif vr in _LONG_VRS:
-        extra = f.read(4)
-        if len(extra) < 4:
-            return None
-        (length,) = struct.unpack(endian + "I", extra)
-    else:
-        (length,) = struct.unpack(endian + "H", head[6:])
-    return group << 16 | element, length
-
-
-def _truncation(staged: Path, ds: Dataset, offset: int, size: int) -> tuple[int, str] | None:
-    """(tag, reason) when the file ends inside an element: an upload cut short must not be stored as an instance.
-
-    pydicom reads a short last value without complaint. The elements before the pixel data were complete if pydicom
-    reached the pixel data; so this follows the pixel data (its length, or for encapsulated data the fragments up to
-    the sequence delimiter) and any elements after it, or else checks the last element pydicom read.
-    """
-    ts = UID(ds.file_meta.TransferSyntaxUID)
-    if ts.is_deflated:
-        return None  # offsets are into the inflated stream; a cut deflate stream fails to inflate instead
-    endian = "<" if ts.is_little_endian else ">"
-    if offset < size:
-        with open(staged, "rb") as f:
-            f.seek(offset)
-            return _follow_elements(f, size, endian, ts.is_implicit_VR)
-    last = max(ds.elements(), key=lambda e: getattr(e, "value_tell", None) or getattr(e, "file_tell", 0), default=None)
-    if last is None:
-        return None
-    tag = int(last.tag)
-    if getattr(last, "is_undefined_length", False) or getattr(last, "length", 0) == _UNDEFINED:
-        with open(staged, "rb") as f:
-            f.seek(max(size - 8, 0))
-            tail = f.read(8)
-        delimiter = struct.pack(endian + "HHI", 0xFFFE, 0xE0DD, 0)
-        return None if tail == delimiter else (tag, "the file ends before the sequence delimiter.")
-    value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
-    if value_tell is None or length is None:
-        return None
-    end = value_tell + length
-    if end > size:
-        return tag, f"the value is {length} bytes long but the file holds only {size - value_tell} of them."
-    if 0 < size - end < 8:
-        return tag, "the file ends inside the header of the element after this one."
-    return None
-
-
-def _follow_elements(f, size: int, endian: str, implicit: bool) -> tuple[int, str] | None:
-    """Follows the top-level elements from the file position (the pixel data) to the end of the file."""
-    tag = _PIXEL_DATA
-    while f.tell() < size:
-        header = _element_header(f, endian, implicit)
-        if header is None:
-            return tag, "the file ends inside the header of the element after this one."
-        tag, length = header
-        start = f.tell()
-        if length != _UNDEFINED:
-            if start + length > size:
-                return tag, f"the value is {length} bytes long but the file holds only {size - start} of them."
-            f.seek(start + length)
-            continue
-        if tag != _PIXEL_DATA:
-            return None  # an undefined-length sequence after the pixel data: not followed further
-        while True:  # encapsulated pixel data: fragment items up to the sequence delimiter (always little endian)
-            item = f.read(8)
-            if len(item) < 8:
-                return tag, "the encapsulated value has no sequence delimiter: the file ends inside it."
-            group, element, length = struct.unpack("<HHI", item)
-            if group << 16 | element == _SEQUENCE_DELIMITER:
-                break
-            if group << 16 | element != _ITEM or length == _UNDEFINED:
-                return tag, "the encapsulated value holds something other than fragment items."
-            if f.tell() + length > size:
-                return tag, f"a {length}-byte fragment holds only {size - f.tell()} bytes before the file ends."
-            f.seek(length, 1)
-    return None
 
 
 def _raw_nul_tags(ds: Dataset) -> set[int]:
@@ -490,20 +367,3 @@ def _raw_nul_tags(ds: Dataset) -> set[int]:
         if isinstance(value, bytes | bytearray) and b"\0" in bytes(value).rstrip(b" "):
             found.add(attribute.tag)
     return found
-
-
-def _indexed_values(ds: Dataset, skip: set[int]) -> tuple[dict[str, str | None], dict[str, str | None], bool]:
-    """Folded values of the core indexed attributes; only the first of several values is indexed."""
-    study_values: dict[str, str | None] = {}
-    series_values: dict[str, str | None] = {}
-    multiple = False
-    for attribute in CORE_ATTRIBUTES:
-        if attribute.column is None:
-            continue
-        target = study_values if attribute.level == STUDY else series_values
-        elem = _element(ds, attribute.tag)[0] if attribute.tag not in skip else None
-        values = values_of(elem) if elem is not None else []
-        multiple |= len(values) > 1
-        value = fold_value(attribute, str(values[0])) if values else ""
-        target[attribute.column] = value or None
-    return study_values, series_values, multiple

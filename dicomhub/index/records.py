@@ -39,10 +39,7 @@ class NewInstance:
     frame_count: int
     frames_json: str | None
     metadata_json: str
-    study_values: dict[str, str | None] = field(default_factory=dict)
-    series_values: dict[str, str | None] = field(default_factory=dict)
-    patient_name_words: list[str] = field(default_factory=list)
-    referring_physician_words: list[str] = field(default_factory=list)
+    values: IndexValues
 
 
 @dataclass(frozen=True)

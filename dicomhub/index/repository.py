@@ -41,6 +41,10 @@ class InstanceExists(Exception):
         self.creating = creating
 
 
+class ReservationLost(Exception):
+    """A store's ``creating`` row is gone (taken over as stale): it must not be completed."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -133,7 +137,7 @@ class Index:
         self._upsert_series = self._level_upsert(series, ["study_key", "series_uid"], series.c.series_key)
         self._mark_created = (
             update(instance)
-            .where(instance.c.watermark == bindparam("b_watermark"))
+            .where((instance.c.watermark == bindparam("b_watermark")) & (instance.c.status == INSTANCE_CREATING))
             .values(
                 status=INSTANCE_CREATED,
                 study_key=bindparam("b_study_key"),
@@ -217,7 +221,7 @@ class Index:
                         "partition_key": new.partition_key,
                         "study_uid": new.study_uid,
                         "watermark": new.watermark,
-                        **new.study_values,
+                        **new.values.study,
                     },
                 ).scalar_one()
                 series_key = conn.execute(
@@ -227,10 +231,10 @@ class Index:
                         "study_key": study_key,
                         "series_uid": new.series_uid,
                         "watermark": new.watermark,
-                        **new.series_values,
+                        **new.values.series,
                     },
                 ).scalar_one()
-                conn.execute(
+                marked = conn.execute(
                     self._mark_created,
                     {
                         "b_watermark": new.watermark,
@@ -244,8 +248,10 @@ class Index:
                         "b_frames": new.frames_json,
                     },
                 )
-                words = [(NAME_PATIENT, w) for w in new.patient_name_words] + [
-                    (NAME_REFERRING_PHYSICIAN, w) for w in new.referring_physician_words
+                if marked.rowcount != 1:
+                    raise ReservationLost(f"the reservation of watermark {new.watermark} was rolled back meanwhile")
+                words = [(NAME_PATIENT, w) for w in new.values.patient_name_words] + [
+                    (NAME_REFERRING_PHYSICIAN, w) for w in new.values.referring_physician_words
                 ]
                 if words:
                     conn.execute(
@@ -268,21 +274,6 @@ class Index:
                     for n in news
                 ],
             )
-
-    # single-instance forms, used by the store path until it batches
-    def begin_create(
-        self, partition_key: int, study_uid: str, series_uid: str, sop_uid: str, stale_before: datetime
-    ) -> int:
-        result = self.begin_creates(partition_key, [(study_uid, series_uid, sop_uid)], stale_before)[0]
-        if isinstance(result, InstanceExists):
-            raise result
-        return result
-
-    def abort_create(self, watermark: int) -> None:
-        self.abort_creates([watermark])
-
-    def complete_create(self, new: NewInstance) -> None:
-        self.complete_creates([new])
 
     def stale_creates(self, before: datetime) -> list[PendingCreate]:
         with self.read() as conn:
