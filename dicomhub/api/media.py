@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -94,14 +95,26 @@ def multipart_content_type(part_type: str, boundary: str) -> str:
     return f'{MULTIPART_RELATED}; type="{part_type}"; boundary={boundary}'
 
 
+# Streamed bodies are handed to the server in pieces of about this size: each piece costs a hop to a worker
+# thread, so many small instances are sent together rather than one hop per header, file and delimiter.
+STREAM_PIECE = 1 << 20
+
+
 def multipart_body(parts: Iterable[tuple[str, Iterator[bytes]]], boundary: str) -> Iterator[bytes]:
-    """Streams ``(content type, chunks)`` parts as a multipart/related body."""
+    """Streams ``(content type, chunks)`` parts as a multipart/related body, in pieces of about STREAM_PIECE."""
     delimiter = f"--{boundary}\r\n".encode()
+    pending: list[bytes] = []
+    size = 0
     for content_type, chunks in parts:
-        yield delimiter + f"Content-Type: {content_type}\r\n\r\n".encode()
-        yield from chunks
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+        head = delimiter + f"Content-Type: {content_type}\r\n\r\n".encode()
+        for piece in itertools.chain((head,), chunks, (b"\r\n",)):
+            pending.append(piece)
+            size += len(piece)
+            if size >= STREAM_PIECE:
+                yield b"".join(pending)
+                pending, size = [], 0
+    pending.append(f"--{boundary}--\r\n".encode())
+    yield b"".join(pending)
 
 
 # -- multipart reading (STOW) --------------------------------------------------------------------------------------
