@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
@@ -79,10 +78,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if services.embedded:
-            rolled_back = await run_in_threadpool(services.cleanup.rollback_unfinished_stores, datetime.now(UTC))
-            if rolled_back:
-                log.warning("rolled back unfinished stores left by a crash", extra={"count": rolled_back})
         task = asyncio.create_task(_cleanup_loop(services))
         yield
         task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 import zipfile
 from collections import Counter
@@ -25,20 +26,33 @@ console = Console(stderr=True)
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8080, help="TCP port."),
-    workers: int = typer.Option(1, help="Worker processes (PostgreSQL index only; SQLite needs one)."),
+    workers: int | None = typer.Option(None, help="Worker processes (default: DICOMHUB_WORKERS)."),
 ) -> None:
     """Run the DICOMweb server."""
+    import shutil
+    from datetime import UTC, datetime
+
     import uvicorn
 
-    from dicomhub.index.engine import migrate
     from dicomhub.logs import configure_logging
+    from dicomhub.services import build_services
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate(settings.index_url)
-    if workers > 1 and settings.index_url.startswith("sqlite"):
-        raise typer.BadParameter("several workers need a PostgreSQL index (DICOMHUB_DATABASE_URL)")
+    workers = workers or settings.workers
+    # Once, before any worker accepts a request: migrate, check the settings against the data, and (embedded
+    # mode: no other process can be storing now) roll back stores a crash left unfinished.
+    services = build_services(settings)
+    if services.embedded:
+        rolled_back = services.cleanup.rollback_unfinished_stores(datetime.now(UTC))
+        if rolled_back:
+            console.print(f"rolled back {rolled_back} unfinished store(s) left by a crash")
+    services.index.engine.dispose()
+    if workers > 1:  # Prometheus counters shared by the worker processes through files
+        metrics_dir = settings.data_dir / ".metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     uvicorn.run(
         "dicomhub.asgi:app",
         host=host,

@@ -5,6 +5,7 @@ Every default is chosen for the embedded mode: SQLite index and files under ``DI
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class Settings(BaseSettings):
     )
     cleanup_interval_seconds: float = Field(5.0, description="How often the background cleanup runs.")
     stale_create_seconds: float = Field(600.0, description="Age after which an unfinished store is rolled back.")
+    workers: int = Field(
+        default_factory=lambda: min(os.cpu_count() or 1, 4), description="API worker processes of `dicomhub serve`."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Write logs as JSON lines.")
 

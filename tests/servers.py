@@ -54,6 +54,7 @@ class Server:
         env["DICOMHUB_DATA_DIR"] = str(self.data_dir)
         env["DICOMHUB_CLEANUP_INTERVAL_SECONDS"] = "0.5"
         env["DICOMHUB_DELETE_DELAY_SECONDS"] = "0"  # tests check that files go; production keeps them a minute
+        env["DICOMHUB_WORKERS"] = "1"  # one process, so kill() reaches the server itself; see test_workers.py
         if self.database_url:
             env["DICOMHUB_DATABASE_URL"] = self.database_url
         for key, value in self.settings.items():

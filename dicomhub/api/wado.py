@@ -182,15 +182,11 @@ async def _metadata(request: Request, ctx: RequestContext, study: str, series: s
     retrieve = ctx.services.retrieve
     if_none_match = request.headers.get("if-none-match")
 
-    def read() -> tuple[str, str | None]:
-        partition = ctx.partition()
-        etag = retrieve.metadata_etag(partition, study, series, sop)
-        if _etag_matches(if_none_match, etag):
-            return etag, None
-        return etag, retrieve.metadata(partition, study, series, sop)
+    def read() -> tuple[str, str]:
+        return retrieve.metadata(ctx.partition(), study, series, sop)
 
     etag, body = await run_in_threadpool(read)
-    if body is None:
+    if _etag_matches(if_none_match, etag):
         return Response(status_code=304)
     return json_response(request, body, headers={"ETag": etag})
 

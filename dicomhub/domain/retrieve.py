@@ -130,20 +130,19 @@ class RetrieveService:
         return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
 
     # -- metadata -----------------------------------------------------------------------------------------------
-    def metadata_etag(self, partition: Partition, study: str, series: str | None, sop: str | None) -> str:
-        watermark, count = self.index.metadata_version(partition.key, study, series, sop)
-        if not count:
-            level = "instance" if sop is not None else "series" if series is not None else "study"
-            raise ResourceNotFound(f"The specified {level} cannot be found.")
-        return str(watermark) if sop is not None else f"{watermark}-{count}"
+    def metadata(self, partition: Partition, study: str, series: str | None, sop: str | None) -> tuple[str, str]:
+        """(ETag, DICOM JSON array) of the scope, assembled from the per-instance JSON written at store time.
 
-    def metadata(self, partition: Partition, study: str, series: str | None, sop: str | None) -> str:
-        """The DICOM JSON array of the scope, assembled from the per-instance JSON written at store time."""
+        The ETag is ``{max watermark}-{count}`` for a study or series and ``{watermark}`` for an instance (Azure's
+        form): any store, update or delete in the scope changes it.
+        """
         documents = self.index.metadata(partition.key, study, series, sop)
         if not documents:
             level = "instance" if sop is not None else "series" if series is not None else "study"
             raise ResourceNotFound(f"The specified {level} cannot be found.")
-        return "[" + ",".join(documents) + "]"
+        newest = max(watermark for watermark, _ in documents)
+        etag = str(newest) if sop is not None else f"{newest}-{len(documents)}"
+        return etag, "[" + ",".join(document for _, document in documents) + "]"
 
 
 def _bit_packed_frames(raw: bytes, ds: Dataset, count: int) -> list[bytes]:

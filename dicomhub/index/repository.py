@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
@@ -61,6 +61,7 @@ class Index:
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._partitions: dict[str, Partition] = {}
         self._prepare_store_statements()
+        self._prepare_read_statements()
 
     # -- transactions -------------------------------------------------------------------------------------------
     @contextmanager
@@ -302,10 +303,9 @@ class Index:
             cond &= instance.c.sop_uid == sop_uid
         return cond
 
-    def find_instances(
-        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
-    ) -> list[StoredInstance]:
-        cols = [
+    def _prepare_read_statements(self) -> None:
+        """One statement per scope (study, series, instance), built once: these run on every WADO request."""
+        columns = [
             instance.c.watermark,
             instance.c.study_uid,
             instance.c.series_uid,
@@ -317,37 +317,41 @@ class Index:
             instance.c.frame_count,
             instance.c.frames,
         ]
-        with self.read() as conn:
-            rows = conn.execute(
-                select(*cols)
-                .where(self._scope(partition_key, study_uid, series_uid, sop_uid))
-                .order_by(instance.c.series_uid, instance.c.watermark)
-            ).all()
-        return [StoredInstance(*row) for row in rows]
+        self._find: dict[tuple[bool, bool], Select] = {}
+        self._documents: dict[tuple[bool, bool], Select] = {}
+        for series_given, sop_given in ((False, False), (True, False), (True, True)):
+            cond = self._scope(
+                bindparam("b_partition"),
+                bindparam("b_study"),
+                bindparam("b_series") if series_given else None,
+                bindparam("b_sop") if sop_given else None,
+            )
+            order = (instance.c.series_uid, instance.c.watermark)
+            self._find[series_given, sop_given] = select(*columns).where(cond).order_by(*order)
+            self._documents[series_given, sop_given] = (
+                select(instance.c.watermark, instance_metadata.c.json)
+                .join(instance_metadata, instance_metadata.c.watermark == instance.c.watermark)
+                .where(cond)
+                .order_by(*order)
+            )
 
-    def metadata_version(
-        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
-    ) -> tuple[int, int]:
-        """(max watermark, instance count) of a scope: what its metadata ETag is made of."""
+    def _read_scope(self, statements, partition_key: int, study_uid: str, series_uid: str | None, sop_uid: str | None):
+        params = {"b_partition": partition_key, "b_study": study_uid, "b_series": series_uid, "b_sop": sop_uid}
         with self.read() as conn:
-            row = conn.execute(
-                select(func.max(instance.c.watermark), func.count()).where(
-                    self._scope(partition_key, study_uid, series_uid, sop_uid)
-                )
-            ).one()
-        return int(row[0] or 0), int(row[1])
+            return conn.execute(statements[series_uid is not None, sop_uid is not None], params).all()
+
+    def find_instances(
+        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[StoredInstance]:
+        rows = self._read_scope(self._find, partition_key, study_uid, series_uid, sop_uid)
+        return [StoredInstance(*row) for row in rows]
 
     def metadata(
         self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
-    ) -> list[str]:
-        with self.read() as conn:
-            rows = conn.execute(
-                select(instance_metadata.c.json)
-                .join(instance, instance.c.watermark == instance_metadata.c.watermark)
-                .where(self._scope(partition_key, study_uid, series_uid, sop_uid))
-                .order_by(instance.c.series_uid, instance.c.watermark)
-            ).all()
-        return [r.json for r in rows]
+    ) -> list[tuple[int, str]]:
+        """(watermark, DICOM JSON) of every instance in the scope."""
+        rows = self._read_scope(self._documents, partition_key, study_uid, series_uid, sop_uid)
+        return [(r.watermark, r.json) for r in rows]
 
     def metadata_by_watermark(self, watermarks: Sequence[int]) -> dict[int, str]:
         if not watermarks:
