@@ -143,6 +143,7 @@ def import_command(
     """
     import shutil
 
+    from dicomhub.blobs.base import Staged
     from dicomhub.domain.store import INSTANCE_EXISTS
     from dicomhub.services import build_services
 
@@ -161,14 +162,14 @@ def import_command(
                 outcome["failed"] += 1
                 failures.append((source.name, source.error or "unreadable"))
             else:
-                staged = services.blobs.new_staging_file()
+                staged = Staged(services.blobs.new_staging_file())
                 try:
                     if source.extracted:
-                        source.path.rename(staged)
+                        source.path.rename(staged.path)
                     else:
-                        shutil.copyfile(source.path, staged)
+                        shutil.copyfile(source.path, staged.path)
                 except OSError as exc:
-                    services.blobs.discard_staging(staged)
+                    services.blobs.discard(staged)
                     outcome["failed"] += 1
                     failures.append((source.name, f"the file could not be read: {exc}"))
                 else:

@@ -13,6 +13,7 @@ from typing import BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
+from dicomhub.blobs.base import MEMORY_PART_LIMIT, MEMORY_REQUEST_LIMIT, Staged
 from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 DICOM = "application/dicom"
@@ -118,22 +119,70 @@ def multipart_body(parts: Iterable[tuple[str, Iterator[bytes]]], boundary: str) 
 
 
 # -- multipart reading (STOW) --------------------------------------------------------------------------------------
-@dataclass
 class SpooledPart:
-    path: Path
-    content_type: str | None
-    size: int = 0
+    """One uploaded part: kept in memory while the request's parts fit the memory limits, else spooled to a file
+    (at most ``max_size`` bytes either way)."""
+
+    def __init__(self, content_type: str | None, budget: MemoryBudget, max_size: int) -> None:
+        self.content_type = content_type
+        self.staged = Staged()
+        self.size = 0
+        self._budget = budget
+        self._max = max_size
+        self._file: BinaryIO | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self._max:
+            raise PayloadTooLarge(f"A part of the request is larger than the limit of {self._max} bytes.")
+        if self._file is not None:
+            self._file.write(data)
+            return
+        if self.size > MEMORY_PART_LIMIT or not self._budget.take(len(data)):
+            self._roll_over()
+            self._file.write(data)
+            return
+        self.staged.data.extend(data)
+
+    def _roll_over(self) -> None:
+        path = self._budget.new_file()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(self.staged.data)
+        self._budget.give_back(len(self.staged.data))
+        self.staged = Staged(path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class MemoryBudget:
+    """How much of one request may still be held in memory, and where its larger parts are spooled."""
+
+    new_file: Callable[[], Path]
+    left: int = MEMORY_REQUEST_LIMIT
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.left += size
 
 
 class MultipartSpooler:
-    """Feeds a streamed multipart body into one staging file per part, never holding a part in memory."""
+    """Feeds a streamed multipart body into one :class:`SpooledPart` per part (memory or spool file, bounded)."""
 
     def __init__(self, boundary: str, new_file: Callable[[], Path], max_part_size: int) -> None:
         self.parts: list[SpooledPart] = []
         self._boundary = boundary.encode("latin-1")
-        self._new_file = new_file
+        self._budget = MemoryBudget(new_file)
         self._max = max_part_size
-        self._file: BinaryIO | None = None
+        self._current: SpooledPart | None = None
         self._field = bytearray()
         self._value = bytearray()
         self._headers: dict[str, str] = {}
@@ -163,22 +212,17 @@ class MultipartSpooler:
         self._value.clear()
 
     def _headers_finished(self) -> None:
-        path = self._new_file()
-        self.parts.append(SpooledPart(path, self._headers.get("content-type")))
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in _part_end / close()
+        self._current = SpooledPart(self._headers.get("content-type"), self._budget, self._max)
+        self.parts.append(self._current)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self.parts[-1]
-        part.size += end - start
-        if part.size > self._max:
-            raise PayloadTooLarge(f"A part of the request is larger than the limit of {self._max} bytes.")
-        assert self._file is not None
-        self._file.write(data[start:end])
+        assert self._current is not None
+        self._current.write(memoryview(data)[start:end])
 
     def _part_end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._current is not None:
+            self._current.close()
+            self._current = None
 
     def _end(self) -> None:
         self._ended = True

@@ -10,7 +10,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, check_uid, studies_context
-from dicomhub.api.media import DICOM, MultipartSpooler, SpooledPart, accepts_dicom_json, stow_boundary
+from dicomhub.api.media import (
+    DICOM,
+    MemoryBudget,
+    MultipartSpooler,
+    SpooledPart,
+    accepts_dicom_json,
+    stow_boundary,
+)
 from dicomhub.api.responses import json_response
 from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from dicomhub.domain.store import StoreResult
@@ -51,14 +58,14 @@ async def _store(request: Request, ctx: RequestContext, study: str | None) -> Re
                 raise UnsupportedMediaType(f"The content type '{part.content_type}' of a part is not supported.")
     except UnsupportedMediaType:
         for part in parts:
-            blobs.discard_staging(part.path)
+            blobs.discard(part.staged)
         raise
     if not parts:
         return Response(status_code=204)
 
     def store_all() -> list[StoreResult]:
         partition = ctx.partition_for_store()
-        return ctx.services.store.store_many(partition, [p.path for p in parts], ctx.api_version, study)
+        return ctx.services.store.store_many(partition, [p.staged for p in parts], ctx.api_version, study)
 
     results = await run_in_threadpool(store_all)
     status, dataset = stow_response(results, ctx.base_url(), study, ctx.api_version)
@@ -77,17 +84,18 @@ async def _spool_single(request: Request, ctx: RequestContext) -> list[SpooledPa
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)  # no need to read a body that cannot be accepted
-    part = SpooledPart(ctx.services.blobs.new_staging_file(), DICOM)
+    part = SpooledPart(DICOM, MemoryBudget(ctx.services.blobs.new_staging_file), limit)
     try:
-        with open(part.path, "wb") as f:
-            async for chunk in request.stream():
-                part.size += len(chunk)
-                if part.size > limit:
-                    raise _too_large(limit)
-                f.write(chunk)
+        async for chunk in request.stream():
+            part.write(chunk)
+    except PayloadTooLarge:
+        ctx.services.blobs.discard(part.staged)
+        raise _too_large(limit) from None
     except BaseException:
-        ctx.services.blobs.discard_staging(part.path)
+        ctx.services.blobs.discard(part.staged)
         raise
+    finally:
+        part.close()
     return [part]
 
 
@@ -98,7 +106,7 @@ async def _spool_multipart(request: Request, ctx: RequestContext, boundary: str)
         return await spooler.consume(request.stream())
     except BaseException:
         for part in spooler.parts:
-            services.blobs.discard_staging(part.path)
+            services.blobs.discard(part.staged)
         raise
 
 

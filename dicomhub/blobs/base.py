@@ -1,19 +1,61 @@
-"""The blob-store interface the domain depends on."""
+"""The blob-store interface the domain depends on, and the staged uploads it turns into blobs."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+# An upload is kept in memory while it and the rest of its request stay under these sizes; beyond, it is spooled
+# to a local file. Small instances (the common case) then cost no file creation before their final write.
+MEMORY_PART_LIMIT = 8 * 1024 * 1024
+MEMORY_REQUEST_LIMIT = 32 * 1024 * 1024
+
+
+class Staged:
+    """An upload on its way to becoming a blob: bytes in memory, or a spool file on the local disk."""
+
+    def __init__(self, path: Path | None = None, data: bytearray | None = None) -> None:
+        self.path = path
+        self.data = data if path is None else None
+        if self.path is None and self.data is None:
+            self.data = bytearray()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.data is not None
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.path.stat().st_size
+
+    def open(self) -> BinaryIO:
+        """A seekable reader over the upload's bytes."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return open(self.path, "rb")  # noqa: SIM115 - the caller owns the handle
+
+    def zero_preamble(self) -> None:
+        """PS3.10 preambles may carry another format (TIFF); a stored file's is zeroed."""
+        if self.data is not None:
+            if len(self.data) >= 132 and self.data[128:132] == b"DICM":
+                self.data[:128] = bytes(128)
+            return
+        with open(self.path, "r+b") as f:
+            head = f.read(132)
+            if len(head) == 132 and head[128:132] == b"DICM" and head[:128] != bytes(128):
+                f.seek(0)
+                f.write(bytes(128))
 
 
 class BlobStore(Protocol):
     """Durable, immutable blobs addressed by key. A key is written once and never overwritten."""
 
     def new_staging_file(self) -> Path:
-        """A fresh local path to spool an upload into before it becomes a blob."""
+        """A fresh local path to spool a large upload into before it becomes a blob."""
 
-    def put_file(self, key: str, staged: Path) -> None:
+    def put(self, key: str, staged: Staged) -> None:
         """Makes ``staged`` durable under ``key`` (consuming it); returns only once it survives a crash."""
 
     def open(self, key: str) -> BinaryIO:
@@ -29,7 +71,8 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Removes a blob; a missing key is not an error."""
 
-    def discard_staging(self, staged: Path) -> None: ...
+    def discard(self, staged: Staged) -> None:
+        """Drops an upload that will not become a blob."""
 
     def purge_staging(self, older_than: float) -> int:
         """Removes spooled uploads untouched for ``older_than`` seconds (left by a crash); returns how many."""

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from dicomhub.blobs.base import Staged
+
 
 class FileSystemBlobStore:
     def __init__(self, root: Path, fsync: bool = True) -> None:
@@ -26,24 +28,44 @@ class FileSystemBlobStore:
     def new_staging_file(self) -> Path:
         return self.staging / f"{uuid.uuid4().hex}.part"
 
-    def put_file(self, key: str, staged: Path) -> None:
+    def put(self, key: str, staged: Staged) -> None:
         target = self._path(key)
+        if staged.data is not None:
+            self._write_new(target, staged.data)
+        else:
+            if self.fsync:
+                fd = os.open(staged.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._in_folder(target, lambda: os.replace(staged.path, target))
         if self.fsync:
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_dir(target.parent)
+
+    def _write_new(self, target: Path, data: bytes | bytearray) -> None:
+        """Writes straight to the final name: keys are never reused, and an index row points at a key only after
+        this returned, so a file cut short by a crash is an orphan, never a visible instance."""
+
+        def write() -> None:
+            with open(target, "xb") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+
+        self._in_folder(target, write)
+
+    @staticmethod
+    def _in_folder(target: Path, action) -> None:
         for attempt in range(3):
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.replace(staged, target)
-                break
-            except FileNotFoundError:  # a concurrent delete pruned the empty folder between mkdir and rename
+                action()
+                return
+            except FileNotFoundError:  # a concurrent delete pruned the empty folder between mkdir and the write
                 if attempt == 2:
                     raise
-        if self.fsync:
-            _fsync_dir(target.parent)
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")  # noqa: SIM115 - the caller owns the handle
@@ -77,8 +99,9 @@ class FileSystemBlobStore:
             except OSError:
                 break
 
-    def discard_staging(self, staged: Path) -> None:
-        staged.unlink(missing_ok=True)
+    def discard(self, staged: Staged) -> None:
+        if staged.path is not None:
+            staged.path.unlink(missing_ok=True)
 
     def purge_staging(self, older_than: float) -> int:
         cutoff = time.time() - older_than

@@ -4,7 +4,6 @@ inside an element (an upload cut short)."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
@@ -34,7 +33,7 @@ def read_element_header(f: BinaryIO, endian: str, implicit: bool) -> tuple[int, 
     return group << 16 | element, length
 
 
-def truncation(staged: Path, ds: Dataset, offset: int, size: int) -> tuple[int, str] | None:
+def truncation(f: BinaryIO, ds: Dataset, offset: int, size: int) -> tuple[int, str] | None:
     """(tag, reason) when the file ends inside an element: an upload cut short must not be stored as an instance.
 
     pydicom reads a short last value without complaint. The elements before the pixel data were complete if pydicom
@@ -46,17 +45,15 @@ def truncation(staged: Path, ds: Dataset, offset: int, size: int) -> tuple[int, 
         return None  # offsets are into the inflated stream; a cut deflate stream fails to inflate instead
     endian = "<" if ts.is_little_endian else ">"
     if offset < size:
-        with open(staged, "rb") as f:
-            f.seek(offset)
-            return _follow_elements(f, size, endian, ts.is_implicit_VR)
+        f.seek(offset)
+        return _follow_elements(f, size, endian, ts.is_implicit_VR)
     last = max(ds.elements(), key=lambda e: getattr(e, "value_tell", None) or getattr(e, "file_tell", 0), default=None)
     if last is None:
         return None
     tag = int(last.tag)
     if getattr(last, "is_undefined_length", False) or getattr(last, "length", 0) == _UNDEFINED:
-        with open(staged, "rb") as f:
-            f.seek(max(size - 8, 0))
-            tail = f.read(8)
+        f.seek(max(size - 8, 0))
+        tail = f.read(8)
         delimiter = struct.pack(endian + "HHI", 0xFFFE, 0xE0DD, 0)
         return None if tail == delimiter else (tag, "the file ends before the sequence delimiter.")
     value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)

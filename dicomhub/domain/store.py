@@ -15,14 +15,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicomhub.blobs.base import BlobStore
+from dicomhub.blobs.base import BlobStore, Staged
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import index_frames, number_of_frames
 from dicomhub.dicom.integrity import truncation
@@ -103,7 +103,7 @@ def blob_key(partition_key: int, study_uid: str, series_uid: str, sop_uid: str, 
 class _Prepared:
     """A validated file waiting to be reserved, written and committed."""
 
-    staged: Path
+    staged: Staged
     result: StoreResult
     instance: NewInstance
 
@@ -118,12 +118,14 @@ class StoreService:
         self.blobs = blobs
         self.settings = settings
 
-    def store(self, partition: Partition, staged: Path, api_version: int, study_uid_in_path: str | None) -> StoreResult:
+    def store(
+        self, partition: Partition, staged: Staged, api_version: int, study_uid_in_path: str | None
+    ) -> StoreResult:
         """Stores one spooled file (consumed either way) and reports the outcome."""
         return self.store_many(partition, [staged], api_version, study_uid_in_path)[0]
 
     def store_many(
-        self, partition: Partition, staged: list[Path], api_version: int, study_uid_in_path: str | None
+        self, partition: Partition, staged: list[Staged], api_version: int, study_uid_in_path: str | None
     ) -> list[StoreResult]:
         """Stores the spooled files of one request (each consumed either way); one outcome per file, in order.
 
@@ -138,27 +140,27 @@ class StoreService:
         return results
 
     def _store_batch(
-        self, partition: Partition, staged: list[Path], api_version: int, study_uid_in_path: str | None
+        self, partition: Partition, staged: list[Staged], api_version: int, study_uid_in_path: str | None
     ) -> list[StoreResult]:
         results: list[StoreResult] = []
         ready: list[_Prepared] = []
         try:
-            for path in staged:
+            for upload in staged:
                 result = StoreResult()
                 results.append(result)
                 try:
-                    ready.append(self._prepare(partition, path, api_version, study_uid_in_path, result))
+                    ready.append(self._prepare(partition, upload, api_version, study_uid_in_path, result))
                 except _Rejected as rejected:
                     result.reject(rejected)
-                    self.blobs.discard_staging(path)
+                    self.blobs.discard(upload)
                 except Exception:
                     log.exception("store failed", extra={"sop_uid": result.sop_uid})
                     result.reject(_Rejected(PROCESSING_FAILURE, "processing failure"))
-                    self.blobs.discard_staging(path)
+                    self.blobs.discard(upload)
             self._commit(partition, ready)
         finally:
             for item in ready:
-                self.blobs.discard_staging(item.staged)
+                self.blobs.discard(item.staged)
         return results
 
     def _commit(self, partition: Partition, ready: list[_Prepared]) -> None:
@@ -183,7 +185,7 @@ class StoreService:
         written: list[_Prepared] = []
         try:
             for item in reserved:
-                self.blobs.put_file(item.instance.blob_key, item.staged)
+                self.blobs.put(item.instance.blob_key, item.staged)
                 written.append(item)
             self.index.complete_creates([item.instance for item in reserved])
         except Exception:
@@ -195,9 +197,22 @@ class StoreService:
                 item.result.reject(_Rejected(PROCESSING_FAILURE, "processing failure"))
 
     def _prepare(
-        self, partition: Partition, staged: Path, api_version: int, path_study: str | None, result: StoreResult
+        self, partition: Partition, staged: Staged, api_version: int, path_study: str | None, result: StoreResult
     ) -> _Prepared:
-        ds, pixel_offset, size, raw_nul = _read_header(staged)
+        staged.zero_preamble()
+        with staged.open() as f:
+            return self._prepare_open(partition, staged, f, api_version, path_study, result)
+
+    def _prepare_open(
+        self,
+        partition: Partition,
+        staged: Staged,
+        f: BinaryIO,
+        api_version: int,
+        path_study: str | None,
+        result: StoreResult,
+    ) -> _Prepared:
+        ds, pixel_offset, size, raw_nul = _read_header(f)
         result.sop_class_uid = _text(ds, SOP_CLASS_UID)
         result.sop_uid = _text(ds, SOP_UID)
         lenient = api_version >= 2
@@ -234,8 +249,7 @@ class StoreService:
         if "Rows" in ds:
             try:  # frame ranges only speed up frame retrieval: a damaged image attribute must not fail the store
                 frame_count = number_of_frames(ds)
-                with open(staged, "rb") as f:
-                    frames = index_frames(f, pixel_offset, size, ds, ts)
+                frames = index_frames(f, pixel_offset, size, ds, ts)
             except Exception:
                 log.warning("pixel data could not be indexed", extra={"sop_uid": sop_uid}, exc_info=True)
                 frames, frame_count = None, frame_count or 1
@@ -320,22 +334,15 @@ def _text(ds: Dataset, tag: int) -> str:
     return "" if elem is None or elem.value is None else str(elem.value)
 
 
-def _read_header(staged: Path) -> tuple[Dataset, int, int, set[int]]:
-    """Zeroes the preamble, then parses everything before the pixel data.
+def _read_header(f: BinaryIO) -> tuple[Dataset, int, int, set[int]]:
+    """Parses everything before the pixel data.
 
     Returns (dataset, pixel offset, size, tags of strictly validated attributes whose raw value holds a NUL).
     """
     try:
-        with open(staged, "r+b") as f:
-            head = f.read(132)
-            if len(head) == 132 and head[128:132] == b"DICM" and head[:128] != bytes(128):
-                f.seek(0)
-                f.write(bytes(128))
-            f.seek(0)
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            offset = f.tell()
-            f.seek(0, 2)
-            size = f.tell()
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        offset = f.tell()
+        size = f.seek(0, 2)
     except Exception as exc:  # whatever stops the parser (bad lengths, bad VRs, truncation) makes it unreadable
         raise _Rejected(VALIDATION_FAILURE, f"The DICOM file could not be read: {exc}") from None
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -344,7 +351,7 @@ def _read_header(staged: Path) -> tuple[Dataset, int, int, set[int]]:
     if not ts.is_transfer_syntax:
         message = f"The transfer syntax '{ts}' is not a known transfer syntax."
         raise _Rejected(VALIDATION_FAILURE, message, [error_comment(0x00020010, message)])
-    cut = truncation(staged, ds, offset, size)
+    cut = truncation(f, ds, offset, size)
     if cut is not None:
         tag, message = cut
         comment = error_comment(tag, message[:1].upper() + message[1:])
