@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.servers import POSTGRES_ENV, Server, new_postgres_database
+from tests.servers import Server, database_url
 
 ENGINES = ["sqlite", "postgres"]
 
 
-def _database_url(engine: str) -> str | None:
-    if engine == "sqlite":
-        return None
-    admin = os.environ.get(POSTGRES_ENV)
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the PostgreSQL suite (scripts/test.sh sets it)")
-        pytest.skip(f"{POSTGRES_ENV} not set; run the suite through scripts/test.sh for PostgreSQL")
-    return new_postgres_database(admin)
-
-
 def start_server(tmp_path_factory: pytest.TempPathFactory, engine: str, **settings: str) -> Server:
     data_dir = tmp_path_factory.mktemp(f"dicomhub-{engine}")
-    return Server(data_dir, _database_url(engine), **settings).start()
+    return Server(data_dir, database_url(engine), **settings).start()
 
 
 @pytest.fixture(scope="session", params=ENGINES)

@@ -33,6 +33,20 @@ def new_postgres_database(admin_url: str) -> str:
     return f"{base}/{name}"
 
 
+def database_url(engine: str) -> str | None:
+    """``None`` for SQLite; for PostgreSQL a fresh database (skipped locally, a failure in CI, without a server)."""
+    import pytest
+
+    if engine == "sqlite":
+        return None
+    admin = os.environ.get(POSTGRES_ENV)
+    if not admin:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the PostgreSQL suite (scripts/test.sh sets it)")
+        pytest.skip(f"{POSTGRES_ENV} not set; run the suite through scripts/test.sh for PostgreSQL")
+    return new_postgres_database(admin)
+
+
 class Server:
     """One dicomhub process; ``url`` is its root (``http://127.0.0.1:PORT``)."""
 

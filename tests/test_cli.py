@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.factory import make_dataset, make_instance, new_uid, to_bytes
-from tests.servers import POSTGRES_ENV, Server, new_postgres_database
+from tests.servers import Server, database_url
 
 ACCEPT = {"Accept": "application/dicom+json"}
 ANY_SYNTAX = {"Accept": "application/dicom; transfer-syntax=*"}
@@ -39,17 +39,6 @@ def summary(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
     return {"stored": stored, "warnings": warnings, "duplicates": duplicates, "failed": failed}
 
 
-def _database_url(engine: str) -> str | None:
-    if engine == "sqlite":
-        return None
-    admin = os.environ.get(POSTGRES_ENV)
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the PostgreSQL suite")
-        pytest.skip(f"{POSTGRES_ENV} not set")
-    return new_postgres_database(admin)
-
-
 def test_help_texts(tmp_path):
     for args, needle in [
         (["--help"], "import"),
@@ -65,7 +54,7 @@ def test_help_texts(tmp_path):
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_import_tree_and_zip_then_serve(tmp_path, engine):
-    database_url = _database_url(engine)
+    db_url = database_url(engine)
     study, series = new_uid(), new_uid()
     loose = [make_dataset(study=study, series=series, InstanceNumber=n) for n in (1, 2, 3)]
     zipped = [make_dataset(study=study, series=series, InstanceNumber=n) for n in (4, 5, 6)]
@@ -94,7 +83,7 @@ def test_import_tree_and_zip_then_serve(tmp_path, engine):
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    result = run_cli("import", str(src), str(archive), data_dir=data_dir, database_url=database_url)
+    result = run_cli("import", str(src), str(archive), data_dir=data_dir, database_url=db_url)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert summary(result) == {"stored": 7, "warnings": 1, "duplicates": 1, "failed": 3}, output
@@ -109,7 +98,7 @@ def test_import_tree_and_zip_then_serve(tmp_path, engine):
         assert again.returncode == 0, again.stderr
         assert summary(again) == {"stored": 0, "warnings": 0, "duplicates": 4, "failed": 1}
 
-    server = Server(data_dir, database_url).start()
+    server = Server(data_dir, db_url).start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             found = client.get(f"/v2/studies/{study}/instances", headers=ACCEPT)

@@ -21,7 +21,7 @@ from dicomhub.config import DEFAULT_PARTITION
 from dicomhub.index.engine import make_engine
 from dicomhub.index.repository import Index
 from tests.factory import make_dataset, make_instance, multipart, new_uid, to_bytes
-from tests.servers import POSTGRES_ENV, Server, new_postgres_database
+from tests.servers import Server, database_url
 
 ACCEPT = {"Accept": "application/dicom+json"}
 SINGLE = {"Accept": "application/dicom+json", "Content-Type": "application/dicom"}
@@ -328,17 +328,6 @@ def test_server_is_healthy_after_the_garbage(http):
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------------
-def _database_url(engine: str) -> str | None:
-    if engine == "sqlite":
-        return None
-    admin = os.environ.get(POSTGRES_ENV)
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the PostgreSQL suite")
-        pytest.skip(f"{POSTGRES_ENV} not set")
-    return new_postgres_database(admin)
-
-
 def _study_instances(client: httpx.Client, study: str) -> set[str]:
     """Every SOP Instance UID QIDO lists in the study (paged)."""
     found: set[str] = set()
@@ -357,9 +346,9 @@ def _study_instances(client: httpx.Client, study: str) -> set[str]:
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_sigkill_during_stores_loses_nothing_acknowledged(tmp_path, engine):
-    database_url = _database_url(engine)
+    db_url = database_url(engine)
     data_dir = tmp_path / "data"
-    server = Server(data_dir, database_url).start()
+    server = Server(data_dir, db_url).start()
     study = new_uid()
     sent: dict[str, tuple[str, bytes]] = {}  # sop -> (series, bytes) of every store that was started
     acknowledged: set[str] = set()
@@ -411,7 +400,7 @@ def test_sigkill_during_stores_loses_nothing_acknowledged(tmp_path, engine):
 
     # SQLite (one process) rolls unfinished stores back at start-up; on PostgreSQL other processes may be mid-store,
     # so a reservation is taken over once older than DICOMHUB_STALE_CREATE_SECONDS (1 s here, 600 s by default).
-    restarted = Server(data_dir, database_url, stale_create_seconds="1").start()
+    restarted = Server(data_dir, db_url, stale_create_seconds="1").start()
     time.sleep(1.5)
     try:
         with httpx.Client(base_url=restarted.url, timeout=30) as client:

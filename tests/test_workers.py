@@ -10,16 +10,14 @@ import threading
 import httpx
 
 from tests.factory import make_instance, multipart, new_uid
-from tests.servers import Server
+from tests.servers import Server, database_url
 
 JSON = {"Accept": "application/dicom+json"}
 
 
 def test_two_workers_share_the_index(tmp_path_factory, request):
-    from tests.conftest import _database_url
-
     for engine in ("sqlite", "postgres"):
-        srv = Server(tmp_path_factory.mktemp(f"workers-{engine}"), _database_url(engine), workers="2").start()
+        srv = Server(tmp_path_factory.mktemp(f"workers-{engine}"), database_url(engine), workers="2").start()
         try:
             _exercise(srv)
         finally:
