@@ -314,7 +314,6 @@ class QueryService:
         if not rows:
             return []
         wanted = self._wanted_tags(request, return_levels)
-        documents = self.index.metadata_by_watermark([r.watermark for r in rows])
         study_stats = (
             qido.study_counts(self.index, [r.study_key for r in rows]) if level == STUDY and wanted & COMPUTED else {}
         )
@@ -325,7 +324,7 @@ class QueryService:
         )
         results = []
         for row in rows:
-            model = json.loads(documents.get(row.watermark, "{}"))
+            model = json.loads(row.document)
             out = {key: model[key] for key in sorted(tag_key(t) for t in wanted) if key in model}
             if row.study_key in study_stats:
                 n_series, n_instances, modalities = study_stats[row.study_key]

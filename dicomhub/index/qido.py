@@ -14,6 +14,7 @@ from dicomhub.index.schema import (
     NAME_PATIENT,
     NAME_REFERRING_PHYSICIAN,
     instance,
+    instance_metadata,
     name_word,
     series,
     study,
@@ -117,10 +118,17 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
             .where((instance.c.partition_key == query.partition_key) & (instance.c.status == INSTANCE_CREATED))
         )
         order = instance.c.watermark
-    stmt = stmt.where(*conditions).order_by(order.desc()).limit(query.limit).offset(query.offset)
+    stmt = (
+        stmt.add_columns(instance_metadata.c.json)
+        .outerjoin(instance_metadata, instance_metadata.c.watermark == order)
+        .where(*conditions)
+        .order_by(order.desc())
+        .limit(query.limit)
+        .offset(query.offset)
+    )
     with index.read() as conn:
         rows = conn.execute(stmt).all()
-    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2]) for r in rows]
+    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}") for r in rows]
 
 
 def study_counts(index: Index, study_keys: Sequence[int]) -> dict[int, tuple[int, int, list[str]]]:

@@ -96,3 +96,4 @@ class QidoRow:
     study_key: int
     series_key: int | None
     watermark: int  # the instance whose metadata represents the row
+    document: str  # that instance's DICOM JSON

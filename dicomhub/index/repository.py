@@ -353,17 +353,6 @@ class Index:
         rows = self._read_scope(self._documents, partition_key, study_uid, series_uid, sop_uid)
         return [(r.watermark, r.json) for r in rows]
 
-    def metadata_by_watermark(self, watermarks: Sequence[int]) -> dict[int, str]:
-        if not watermarks:
-            return {}
-        with self.read() as conn:
-            rows = conn.execute(
-                select(instance_metadata.c.watermark, instance_metadata.c.json).where(
-                    instance_metadata.c.watermark.in_(list(watermarks))
-                )
-            ).all()
-        return {r.watermark: r.json for r in rows}
-
     # -- delete -------------------------------------------------------------------------------------------------
     def delete(
         self,
