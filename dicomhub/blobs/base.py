@@ -22,14 +22,6 @@ class Staged:
         if self.path is None and self.data is None:
             self.data = bytearray()
 
-    @property
-    def in_memory(self) -> bool:
-        return self.data is not None
-
-    @property
-    def size(self) -> int:
-        return len(self.data) if self.data is not None else self.path.stat().st_size
-
     def open(self) -> BinaryIO:
         """A seekable reader over the upload's bytes."""
         if self.data is not None:
@@ -63,10 +55,6 @@ class BlobStore(Protocol):
 
     def iter_range(self, key: str, offset: int = 0, length: int | None = None, chunk: int = 1 << 20) -> Iterator[bytes]:
         """Streams ``length`` bytes (to the end when ``None``) from ``offset``."""
-
-    def size(self, key: str) -> int: ...
-
-    def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None:
         """Removes a blob; a missing key is not an error."""

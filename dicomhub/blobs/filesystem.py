@@ -82,12 +82,6 @@ class FileSystemBlobStore:
                     remaining -= len(data)
                 yield data
 
-    def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
-
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)

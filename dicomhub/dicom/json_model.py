@@ -42,9 +42,3 @@ def dataset_to_json(ds: Dataset, skip: frozenset[int] = frozenset()) -> tuple[di
         except Exception:  # pydicom raises many kinds (ValueError, BytesLengthException, NotImplementedError, ...)
             unconvertible.append(tag)
     return out, unconvertible
-
-
-def first_value(model: dict[str, Any], tag: int) -> Any:
-    """The first value of a top-level attribute in a JSON model, or ``None``."""
-    values = model.get(f"{tag:08X}", {}).get("Value")
-    return values[0] if values else None

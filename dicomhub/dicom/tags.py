@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 
@@ -24,13 +24,6 @@ def tag_key(tag: int) -> str:
 
 def keyword_of(tag: int) -> str:
     return keyword_for_tag(tag) or tag_key(tag)
-
-
-def dictionary_vr(tag: int) -> str | None:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return None
 
 
 def format_tag(tag: int) -> str:

@@ -9,7 +9,6 @@ from dicomhub.dicom.names import fold, name_words
 from dicomhub.index.records import IndexValues
 
 STUDY, SERIES, INSTANCE = "study", "series", "instance"
-LEVEL_ORDER = {STUDY: 0, SERIES: 1, INSTANCE: 2}
 
 
 @dataclass(frozen=True)

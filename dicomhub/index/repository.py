@@ -464,14 +464,6 @@ class Index:
                 .values(attempts=blob_cleanup.c.attempts + 1, delete_after=_now() + after)
             )
 
-    # -- diagnostics --------------------------------------------------------------------------------------------
-    def created_blob_keys(self) -> list[str]:
-        with self.read() as conn:
-            return [
-                r.blob_key
-                for r in conn.execute(select(instance.c.blob_key).where(instance.c.status == INSTANCE_CREATED))
-            ]
-
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
