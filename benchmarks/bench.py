@@ -18,20 +18,25 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
+import http.client
+import json
 import platform
 import random
+import select
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import httpx
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -51,8 +56,26 @@ SOP_CLASS = {
 MULTIFRAME_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
 MODALITY_WEIGHTS = {"CT": 0.5, "MR": 0.3, "PT": 0.15, "NM": 0.05}
 FAMILY_NAMES = [
-    "Adler", "Baker", "Castro", "Dubois", "Eriksen", "Fischer", "Garcia", "Haddad", "Ito", "Jensen",
-    "Kowalski", "Larsen", "Moreau", "Nakamura", "Okafor", "Petrov", "Quinn", "Rossi", "Silva", "Tanaka",
+    "Adler",
+    "Baker",
+    "Castro",
+    "Dubois",
+    "Eriksen",
+    "Fischer",
+    "Garcia",
+    "Haddad",
+    "Ito",
+    "Jensen",
+    "Kowalski",
+    "Larsen",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Petrov",
+    "Quinn",
+    "Rossi",
+    "Silva",
+    "Tanaka",
 ]
 GIVEN_NAMES = ["Ada", "Ben", "Chloe", "David", "Elif", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira"]
 STUDY_DATE_ORIGIN = dt.date(2015, 1, 1)
@@ -188,8 +211,9 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def generate_dataset(root: Path, n_instances: int, n_studies: int, series_per_study: int, rows: int,
-                     cols: int, frames: int, seed: int) -> DataSet:
+def generate_dataset(
+    root: Path, n_instances: int, n_studies: int, series_per_study: int, rows: int, cols: int, frames: int, seed: int
+) -> DataSet:
     """Write the data set as DICOM Part 10 files under root (explicit VR little endian)."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -239,8 +263,11 @@ def generate_dataset(root: Path, n_instances: int, n_studies: int, series_per_st
 
     # The multi-frame instance: its own patient and study, one series.
     mf_study = Study(
-        uid=_uid(seed, "mf-study"), patient_id="PIDMF00001", patient_name="Multiframe^Frank",
-        date=STUDY_DATE_ORIGIN - dt.timedelta(days=1), accession="ACCMF0000001",
+        uid=_uid(seed, "mf-study"),
+        patient_id="PIDMF00001",
+        patient_name="Multiframe^Frank",
+        date=STUDY_DATE_ORIGIN - dt.timedelta(days=1),
+        accession="ACCMF0000001",
     )
     mf_series = Series(uid=_uid(seed, "mf-series"), study=mf_study.uid, modality="OT")
     ds = _base_dataset(mf_study, mf_series.uid, 1, "OT")
@@ -266,7 +293,194 @@ def expected_frame(ds_set: DataSet, inst: Instance, number: int) -> bytes:
     """Native pixel bytes of one frame (1-based) as stored in the file."""
     pixel_data = pydicom.dcmread(inst.path).PixelData
     size = ds_set.rows * ds_set.cols * 2
-    return pixel_data[(number - 1) * size:number * size]
+    return pixel_data[(number - 1) * size : number * size]
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP client
+# --------------------------------------------------------------------------------------------
+#
+# A small keep-alive client on http.client: a general-purpose client (httpx was measured at about
+# 2 ms per request on the reference machine, more than some of the servers' own answers) would
+# dominate the latencies and pull every ratio towards 1.  One Client holds one persistent
+# connection per origin and is not thread-safe: each thread uses its own Client.
+
+
+class HTTPError(Exception):
+    """A request failed below HTTP: connection, timeout or protocol error."""
+
+
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # socket.timeout is an OSError
+# The server closed an idle keep-alive connection: the request may be sent again on a new one.
+STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+# Accept-Encoding as httpx sent it: dicomhub gzips JSON answers above 1 KiB when asked (the
+# client decodes them, within the measured time); Orthanc's HTTP compression is off in run.sh.
+DEFAULT_HEADERS = {
+    "User-Agent": f"dicomhub-bench (Python {platform.python_version()} http.client)",
+    "Accept": "*/*",
+    "Accept-Encoding": "gzip, deflate",
+}
+
+
+def decode_body(data: bytes, encoding: str) -> bytes:
+    """Undo a gzip or deflate Content-Encoding."""
+    encoding = encoding.strip().lower()
+    if not data or encoding in ("", "identity"):
+        return data
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(data, zlib.MAX_WBITS | 16)
+    if encoding == "deflate":
+        try:
+            return zlib.decompress(data)
+        except zlib.error:
+            return zlib.decompress(data, -zlib.MAX_WBITS)
+    raise HTTPError(f"unsupported Content-Encoding {encoding!r}")
+
+
+class Response:
+    """status_code, headers (case-insensitive get), content (decoded), text and json()."""
+
+    def __init__(self, status_code: int, headers: Message, content: bytes = b""):
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        _, params = content_type_params(self.headers.get("content-type", ""))
+        try:
+            return self.content.decode(params.get("charset", "utf-8"), errors="replace")
+        except LookupError:
+            return self.content.decode("utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class StreamResponse(Response):
+    """A response whose body is read by the caller, in chunks (iter_raw) or whole (read)."""
+
+    def __init__(self, raw: http.client.HTTPResponse):
+        super().__init__(raw.status, raw.headers)
+        self._raw = raw
+
+    def iter_raw(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The body as sent (Transfer-Encoding undone, Content-Encoding not)."""
+        while chunk := self._raw.read(chunk_size):
+            yield chunk
+        self.check_complete()
+
+    def check_complete(self) -> None:
+        # read(amt) ends quietly when the connection closes before Content-Length bytes came.
+        if self._raw.length:
+            raise http.client.IncompleteRead(b"", self._raw.length)
+
+    def read(self) -> bytes:
+        self.content = decode_body(self._raw.read(), self.headers.get("content-encoding", ""))
+        return self.content
+
+
+class Client:
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+
+    def _connection(self, origin: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
+        """The connection for origin and whether it was used before (a new one is not yet open)."""
+        conn = self._conns.get(origin)
+        if conn is not None and conn.sock is not None:
+            # An idle keep-alive socket that is readable was closed by the server (or holds
+            # unexpected bytes): drop it instead of failing the next request on it.
+            if select.select([conn.sock], [], [], 0)[0]:
+                conn.close()
+            else:
+                return conn, True
+        if conn is None:
+            scheme, host, port = origin
+            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = cls(host, port, timeout=self.timeout)
+            self._conns[origin] = conn
+        return conn, False
+
+    @staticmethod
+    def _split(url: str) -> tuple[tuple[str, str, int], str]:
+        """(origin, request target) of an absolute URL."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HTTPError(f"unsupported URL {url!r}")
+        origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return origin, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict | None) -> http.client.HTTPResponse:
+        origin, target = self._split(url)
+        hdrs = dict(headers or {})
+        given = {k.lower() for k in hdrs}
+        for name, value in DEFAULT_HEADERS.items():
+            if name.lower() not in given:
+                hdrs[name] = value
+        if body is not None:
+            hdrs["Content-Length"] = str(len(body))
+        for attempt in (1, 2):
+            conn, reused = self._connection(origin)
+            try:
+                conn.request(method, target, body=body, headers=hdrs)
+                return conn.getresponse()
+            except STALE_CONNECTION as exc:
+                conn.close()
+                if not reused or attempt == 2:
+                    raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+            except CONNECTION_ERRORS as exc:
+                conn.close()
+                raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> Response:
+        raw = self._send(method, url, body, headers)
+        try:
+            data = raw.read()
+            content = decode_body(data, raw.headers.get("content-encoding", ""))
+        except (*CONNECTION_ERRORS, zlib.error) as exc:
+            raw.close()
+            self._drop(url)
+            raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+        return Response(raw.status, raw.headers, content)
+
+    def get(self, url: str, headers: dict | None = None) -> Response:
+        return self.request("GET", url, headers=headers)
+
+    def post(self, url: str, content: bytes, headers: dict | None = None) -> Response:
+        return self.request("POST", url, body=content, headers=headers)
+
+    @contextmanager
+    def stream(self, method: str, url: str, headers: dict | None = None) -> Iterator[StreamResponse]:
+        """Send a request and let the caller read the body; whatever is left unread is drained so
+        that the connection can be kept."""
+        raw = self._send(method, url, None, headers)
+        ok = False
+        try:
+            response = StreamResponse(raw)
+            yield response
+            while raw.read(1 << 20):
+                pass
+            response.check_complete()
+            ok = True
+        except (*CONNECTION_ERRORS, zlib.error) as exc:
+            raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            raw.close()
+            if not ok:
+                self._drop(url)
+
+    def _drop(self, url: str) -> None:
+        """Close the connection to url's origin (after a failure mid-response, or a body left unread)."""
+        conn = self._conns.get(self._split(url)[0])
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +492,7 @@ def expected_frame(ds_set: DataSet, inst: Instance, number: int) -> bytes:
 class Target:
     name: str
     base: str
-    client: httpx.Client
+    client: Client
 
 
 @dataclass
@@ -299,9 +513,8 @@ class Sample:
         return sum(self.errors.values())
 
 
-def make_client(timeout: float) -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
-                        limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
+def make_client(timeout: float) -> Client:
+    return Client(timeout)
 
 
 def content_type_params(value: str) -> tuple[str, dict[str, str]]:
@@ -327,7 +540,7 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str]
         raise ValueError("boundary not found in body")
     while True:
         pos += len(delim)
-        if body[pos:pos + 2] == b"--":
+        if body[pos : pos + 2] == b"--":
             return parts
         head_end = body.find(b"\r\n\r\n", pos)
         if head_end < 0:
@@ -340,7 +553,7 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str]
         nxt = body.find(b"\r\n" + delim, head_end + 4)
         if nxt < 0:
             raise ValueError("missing closing boundary")
-        parts.append((headers, body[head_end + 4:nxt]))
+        parts.append((headers, body[head_end + 4 : nxt]))
         pos = nxt + 2
 
 
@@ -353,7 +566,7 @@ def with_query(path: str, params: dict | None) -> str:
     return path + "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='^*?-.,:')}" for k, v in params.items())
 
 
-def json_count(response: httpx.Response) -> int:
+def json_count(response: Response) -> int:
     if response.status_code == 204 or not response.content:
         return 0
     data = response.json()
@@ -362,7 +575,7 @@ def json_count(response: httpx.Response) -> int:
     return len(data)
 
 
-def describe(response: httpx.Response) -> str:
+def describe(response: Response) -> str:
     text = response.text[:120].replace("\n", " ") if response.content else ""
     return f"HTTP {response.status_code} {text}".strip()
 
@@ -398,14 +611,14 @@ def stow_body(paths: list[Path]) -> bytes:
     return b"".join(chunks)
 
 
-def stow_request(client: httpx.Client, base: str, body: bytes, n: int, sample: Sample, lock: threading.Lock):
+def stow_request(client: Client, base: str, body: bytes, n: int, sample: Sample, lock: threading.Lock):
     headers = {
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={STOW_BOUNDARY}',
         "Accept": DICOM_JSON,
     }
     try:
         r = client.post(f"{base}/studies", content=body, headers=headers)
-    except httpx.HTTPError as exc:
+    except HTTPError as exc:
         with lock:
             sample.error(f"{type(exc).__name__}: {exc}")
         return
@@ -431,28 +644,31 @@ def stow_request(client: httpx.Client, base: str, body: bytes, n: int, sample: S
         sample.bytes += len(body)
 
 
-def run_stow(targets: list[Target], data: DataSet, clients_opts: list[int], batch_opts: list[int],
-             timeout: float) -> tuple[list[str], dict]:
+def run_stow(
+    targets: list[Target], data: DataSet, clients_opts: list[int], batch_opts: list[int], timeout: float
+) -> tuple[list[str], dict]:
     instances = data.ordinary
     configs = [(c, b) for c in clients_opts for b in batch_opts]
     shares = _split(len(instances), len(configs))
     rows, cells = [], {}
     start = 0
     for idx, ((n_clients, batch), share) in enumerate(zip(configs, shares, strict=True)):
-        chunk = instances[start:start + share]
+        chunk = instances[start : start + share]
         start += share
         plural = "s" if n_clients > 1 else ""
         label = f"{n_clients} client{plural} × {batch} inst/request ({len(chunk)} inst), inst/s"
         rows.append(label)
-        bodies = [(stow_body([i.path for i in chunk[k:k + batch]]), len(chunk[k:k + batch]))
-                  for k in range(0, len(chunk), batch)]
+        bodies = [
+            (stow_body([i.path for i in chunk[k : k + batch]]), len(chunk[k : k + batch]))
+            for k in range(0, len(chunk), batch)
+        ]
         order = targets if idx % 2 == 0 else list(reversed(targets))
         for t in order:
             log(f"STOW {t.name}: {len(chunk)} instances, {n_clients} client(s), {batch}/request")
             sample = Sample()
             lock = threading.Lock()
             local = threading.local()
-            made: list[httpx.Client] = []
+            made: list[Client] = []
 
             def work(item, t=t, sample=sample, lock=lock, local=local, made=made):
                 if not hasattr(local, "client"):
@@ -480,13 +696,12 @@ def run_stow(targets: list[Target], data: DataSet, clients_opts: list[int], batc
     return rows, cells
 
 
-def timed_get(t: Target, path: str, params: dict | None, accept: str,
-              sample: Sample) -> httpx.Response | None:
+def timed_get(t: Target, path: str, params: dict | None, accept: str, sample: Sample) -> Response | None:
     try:
         t0 = time.perf_counter()
         r = t.client.get(t.base + with_query(path, params), headers={"Accept": accept})
         sample.latencies.append(time.perf_counter() - t0)
-    except httpx.HTTPError as exc:
+    except HTTPError as exc:
         sample.error(f"{type(exc).__name__}: {exc}")
         return None
     if r.status_code not in (200, 204):
@@ -507,36 +722,40 @@ def qido_queries(data: DataSet, rng: random.Random, n: int) -> dict[str, list[tu
     out: dict[str, list[tuple[str, dict, int]]] = defaultdict(list)
     for _ in range(n):
         st = rng.choice(ordinary_studies)
-        out["/studies?PatientID="].append(("/studies", {"PatientID": st.patient_id},
-                                           len(patients[st.patient_id])))
+        out["/studies?PatientID="].append(("/studies", {"PatientID": st.patient_id}, len(patients[st.patient_id])))
         st = rng.choice(ordinary_studies)
-        out["/studies?PatientName="].append(("/studies", {"PatientName": st.patient_name},
-                                             sum(s.patient_name == st.patient_name for s in studies)))
+        out["/studies?PatientName="].append(
+            ("/studies", {"PatientName": st.patient_name}, sum(s.patient_name == st.patient_name for s in studies))
+        )
         d1 = rng.choice(ordinary_studies).date
         d2 = d1 + dt.timedelta(days=30)
         out["/studies?StudyDate=range (31 days)"].append(
-            ("/studies", {"StudyDate": f"{d1:%Y%m%d}-{d2:%Y%m%d}"},
-             sum(d1 <= s.date <= d2 for s in studies)))
+            ("/studies", {"StudyDate": f"{d1:%Y%m%d}-{d2:%Y%m%d}"}, sum(d1 <= s.date <= d2 for s in studies))
+        )
         offset = rng.randrange(0, max(1, len(studies) - 25 + 1))
         out["/studies?limit=25&offset=N"].append(
-            ("/studies", {"limit": "25", "offset": str(offset)}, min(25, len(studies) - offset)))
+            ("/studies", {"limit": "25", "offset": str(offset)}, min(25, len(studies) - offset))
+        )
         st = rng.choice(ordinary_studies)
         out["/studies/{s}/series"].append((f"/studies/{st.uid}/series", {}, len(st.series)))
         # limit=100: servers may cap unpaged results (100 is a common default), and an uncapped
         # CT query returns every CT series, which is no common query.
         m = modalities[_ % len(modalities)]
         out["/series?Modality=&limit=100"].append(
-            ("/series", {"Modality": m, "limit": "100"}, min(100, sum(se.modality == m for se in all_series))))
+            ("/series", {"Modality": m, "limit": "100"}, min(100, sum(se.modality == m for se in all_series)))
+        )
         se = rng.choice([se for se in rng.choice(ordinary_studies).series])
         out["/studies/{s}/series/{se}/instances"].append(
-            (f"/studies/{se.study}/series/{se.uid}/instances", {}, len(se.instances)))
+            (f"/studies/{se.study}/series/{se.uid}/instances", {}, len(se.instances))
+        )
         inst = rng.choice(instances)
         out["/instances?SOPInstanceUID="].append(("/instances", {"SOPInstanceUID": inst.sop}, 1))
     return out
 
 
-def run_json_phase(targets: list[Target], queries: dict[str, list[tuple[str, dict, int]]],
-                   what: str) -> tuple[list[str], dict]:
+def run_json_phase(
+    targets: list[Target], queries: dict[str, list[tuple[str, dict, int]]], what: str
+) -> tuple[list[str], dict]:
     rows, cells = [], {}
     for label, items in queries.items():
         rows.append(label)
@@ -558,25 +777,26 @@ def run_json_phase(targets: list[Target], queries: dict[str, list[tuple[str, dic
             sample.bytes += len(resp.content)
             if got != expected:
                 warning = resp.headers.get("warning")
-                sample.error(f"wrong result count (expected {expected}, got {got})"
-                             + (f"; Warning: {warning}" if warning else ""))
+                sample.error(
+                    f"wrong result count (expected {expected}, got {got})"
+                    + (f"; Warning: {warning}" if warning else "")
+                )
     return rows, cells
 
 
 def metadata_queries(data: DataSet, rng: random.Random, n: int) -> dict[str, list[tuple[str, dict, int]]]:
     ordinary_studies = [s for s in data.studies if s.uid != data.multiframe.study]
-    out: dict[str, list[tuple[str, dict, int]]] = {"study metadata": [], "series metadata": [],
-                                                  "instance metadata": []}
+    out: dict[str, list[tuple[str, dict, int]]] = {"study metadata": [], "series metadata": [], "instance metadata": []}
     instances = data.ordinary
     for _ in range(n):
         st = rng.choice(ordinary_studies)
         out["study metadata"].append((f"/studies/{st.uid}/metadata", {}, len(st.instances)))
         se = rng.choice(rng.choice(ordinary_studies).series)
-        out["series metadata"].append((f"/studies/{se.study}/series/{se.uid}/metadata", {},
-                                       len(se.instances)))
+        out["series metadata"].append((f"/studies/{se.study}/series/{se.uid}/metadata", {}, len(se.instances)))
         inst = rng.choice(instances)
         out["instance metadata"].append(
-            (f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}/metadata", {}, 1))
+            (f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}/metadata", {}, 1)
+        )
     return out
 
 
@@ -599,9 +819,9 @@ def stream_retrieve(t: Target, path: str, sample: Sample) -> int | None:
                 size += len(chunk)
                 buf = tail + chunk
                 count += buf.count(delim) - tail.count(delim)
-                tail = buf[-(len(delim) - 1):]
+                tail = buf[-(len(delim) - 1) :]
             elapsed = time.perf_counter() - t0
-    except httpx.HTTPError as exc:
+    except HTTPError as exc:
         sample.error(f"{type(exc).__name__}: {exc}")
         return None
     sample.latencies.append(elapsed)
@@ -688,14 +908,21 @@ def fmt(v: float, digits: int = 1) -> str:
 
 
 def table(title_cols: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(title_cols) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(title_cols))) + "|"]
+    lines = [
+        "| " + " | ".join(title_cols) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(title_cols))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def render(targets: list[Target], row_labels: list[str], cells: dict,
-           metrics: list[tuple[str, Callable[[Sample], float], int]], label_header: str) -> str:
+def render(
+    targets: list[Target],
+    row_labels: list[str],
+    cells: dict,
+    metrics: list[tuple[str, Callable[[Sample], float], int]],
+    label_header: str,
+) -> str:
     """metrics: (suffix, function(Sample) -> float, digits).  One table row per (row, metric)."""
     names = [t.name for t in targets]
     cols = [label_header] + names
@@ -774,13 +1001,24 @@ PHASES = ["stow", "qido", "metadata", "wado", "frames"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Benchmark DICOMweb services (STOW-RS, QIDO-RS, metadata, WADO-RS, frames) on the "
-                    "same generated data set, alternating between targets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", action="append", type=parse_target, required=True, metavar="NAME=URL",
-                   help="DICOMweb base URL, e.g. orthanc=http://127.0.0.1:18042/dicom-web (repeatable; "
-                        "the ratio column is first/second)")
-    p.add_argument("--instances", type=int, default=None,
-                   help="single-frame instances in the data set (default 2000, or 20000 with --large)")
+        "same generated data set, alternating between targets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        type=parse_target,
+        required=True,
+        metavar="NAME=URL",
+        help="DICOMweb base URL, e.g. orthanc=http://127.0.0.1:18042/dicom-web (repeatable; "
+        "the ratio column is first/second)",
+    )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="single-frame instances in the data set (default 2000, or 20000 with --large)",
+    )
     p.add_argument("--large", action="store_true", help="large data set: 20,000 instances")
     p.add_argument("--studies", type=int, default=None, help="number of studies (default instances/20)")
     p.add_argument("--series-per-study", type=int, default=2)
@@ -792,15 +1030,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=100, help="requests per QIDO query and per frames row")
     p.add_argument("--metadata-requests", type=int, default=50, help="requests per metadata level")
     p.add_argument("--retrieves", type=int, default=30, help="studies (and series) retrieved by WADO")
-    p.add_argument("--phases", default=",".join(PHASES),
-                   help="comma-separated subset of " + ",".join(PHASES) + " (without stow the data "
-                        "must already be stored, from a run with the same seed and sizes)")
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="comma-separated subset of " + ",".join(PHASES) + " (without stow the data "
+        "must already be stored, from a run with the same seed and sizes)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed for UIDs, values and request choice")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="where to write the data set (default: a temporary directory, removed at the end)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where to write the data set (default: a temporary directory, removed at the end)",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the generated data set")
-    p.add_argument("--allow-nonempty", action="store_true",
-                   help="run STOW even if a target already holds studies")
+    p.add_argument("--allow-nonempty", action="store_true", help="run STOW even if a target already holds studies")
     p.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout in seconds")
     p.add_argument("--output", type=Path, default=None, help="also write the Markdown report to FILE")
     return p
@@ -825,15 +1069,17 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         try:
             r = t.client.get(f"{t.base}/studies?limit=1", headers={"Accept": DICOM_JSON})
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             print(f"target {t.name} ({t.base}) does not answer: {exc}", file=sys.stderr)
             return 2
         if r.status_code not in (200, 204):
             print(f"target {t.name}: GET /studies?limit=1 gave {describe(r)}", file=sys.stderr)
             return 2
         if "stow" in phases and json_count(r) and not args.allow_nonempty:
-            print(f"target {t.name} already holds studies; start it with an empty data store "
-                  "(or pass --allow-nonempty)", file=sys.stderr)
+            print(
+                f"target {t.name} already holds studies; start it with an empty data store (or pass --allow-nonempty)",
+                file=sys.stderr,
+            )
             return 2
 
     tmp = None
@@ -845,8 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"generating {n_instances} instances in {n_studies} studies under {data_dir}")
         t0 = time.perf_counter()
-        data = generate_dataset(data_dir, n_instances, n_studies, args.series_per_study, args.rows,
-                                args.cols, args.frames, args.seed)
+        data = generate_dataset(
+            data_dir, n_instances, n_studies, args.series_per_study, args.rows, args.cols, args.frames, args.seed
+        )
         total_mb = data.total_bytes() / 1e6
         log(f"data set written in {time.perf_counter() - t0:.1f} s ({total_mb:.1f} MB)")
         rng = random.Random(args.seed + 1)
@@ -855,28 +1102,59 @@ def main(argv: list[str] | None = None) -> int:
 
         if "stow" in phases:
             rows, cells = run_stow(targets, data, args.stow_clients, args.stow_batches, args.timeout)
-            sections.append(("STOW-RS (higher is better)", render(
-                targets, rows, cells,
-                [("", lambda s: s.items / s.elapsed if s.elapsed else float("nan"), 1)], "configuration")))
+            sections.append(
+                (
+                    "STOW-RS (higher is better)",
+                    render(
+                        targets,
+                        rows,
+                        cells,
+                        [("", lambda s: s.items / s.elapsed if s.elapsed else float("nan"), 1)],
+                        "configuration",
+                    ),
+                )
+            )
         if "qido" in phases:
             rows, cells = run_json_phase(targets, qido_queries(data, rng, args.requests), "QIDO")
-            sections.append(("QIDO-RS latency, ms (lower is better)", render(
-                targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "query")))
+            sections.append(
+                (
+                    "QIDO-RS latency, ms (lower is better)",
+                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "query"),
+                )
+            )
         if "metadata" in phases:
-            rows, cells = run_json_phase(targets, metadata_queries(data, rng, args.metadata_requests),
-                                         "metadata")
-            sections.append(("WADO-RS metadata latency, ms (lower is better)", render(
-                targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request")))
+            rows, cells = run_json_phase(targets, metadata_queries(data, rng, args.metadata_requests), "metadata")
+            sections.append(
+                (
+                    "WADO-RS metadata latency, ms (lower is better)",
+                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
+                )
+            )
         if "wado" in phases:
             rows, cells = run_wado(targets, data, rng, args.retrieves)
-            sections.append(("WADO-RS retrieve, `transfer-syntax=*` (MB/s: higher is better)", render(
-                targets, rows, cells,
-                [(" — MB/s", lambda s: s.bytes / 1e6 / s.elapsed if s.elapsed else float("nan"), 1),
-                 (" — median ms", ms_median, 1)], "request")))
+            sections.append(
+                (
+                    "WADO-RS retrieve, `transfer-syntax=*` (MB/s: higher is better)",
+                    render(
+                        targets,
+                        rows,
+                        cells,
+                        [
+                            (" — MB/s", lambda s: s.bytes / 1e6 / s.elapsed if s.elapsed else float("nan"), 1),
+                            (" — median ms", ms_median, 1),
+                        ],
+                        "request",
+                    ),
+                )
+            )
         if "frames" in phases:
             rows, cells = run_frames(targets, data, rng, args.requests)
-            sections.append(("WADO-RS single frame latency, ms (lower is better)", render(
-                targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request")))
+            sections.append(
+                (
+                    "WADO-RS single frame latency, ms (lower is better)",
+                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
+                )
+            )
 
         n_series = len(data.all_series)
         header = [
@@ -888,8 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{n_series - 1} series ({args.rows}×{args.cols}, 16-bit MONOCHROME2, explicit VR little "
             f"endian, uncompressed), plus 1 multi-frame instance ({args.frames} frames) in its own study; "
             f"{total_mb:.1f} MB; seed {args.seed}",
-            f"- client: Python {platform.python_version()}, httpx {httpx.__version__}, pydicom "
-            f"{pydicom.__version__}; one keep-alive connection per client; requests alternate between "
+            f"- client: Python {platform.python_version()} `http.client` (one keep-alive connection per target "
+            f"and thread, `Accept-Encoding: gzip, deflate`), pydicom {pydicom.__version__}; requests alternate between "
             "targets (first target swapped every round); QIDO values are sent with `^` unescaped; latency "
             "includes reading the whole body; every answer is checked (status, result/part count, frame "
             "bytes) and failures are counted as errors",
