@@ -1,4 +1,5 @@
-"""Background housekeeping: delete files of deleted instances and roll back stores a crash left unfinished."""
+"""Background housekeeping: delete files of deleted instances, roll back stores a crash left unfinished, and keep
+the index's planner statistics current."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(minutes=5)
 # An upload's spool file is written to as the body arrives; one untouched this long belongs to a dead request.
 STAGING_MAX_IDLE = timedelta(hours=1)
+STATISTICS_EVERY = timedelta(minutes=10)
 
 
 class CleanupService:
@@ -21,6 +23,7 @@ class CleanupService:
         self.index = index
         self.blobs = blobs
         self.settings = settings
+        self._statistics_at: datetime | None = None
 
     def run_once(self, batch: int = 100) -> int:
         """One pass; returns how many files and stale rows it removed.
@@ -42,7 +45,11 @@ class CleanupService:
                 done += 1
             if len(due) < batch:
                 break
-        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.stale_create_seconds)
+        now = datetime.now(UTC)
+        if self._statistics_at is None or now - self._statistics_at >= STATISTICS_EVERY:
+            self.index.refresh_statistics()
+            self._statistics_at = now
+        stale_before = now - timedelta(seconds=self.settings.stale_create_seconds)
         done += self.blobs.purge_staging(STAGING_MAX_IDLE.total_seconds())
         return done + self.rollback_unfinished_stores(stale_before)
 

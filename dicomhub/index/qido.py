@@ -71,7 +71,13 @@ def _contains(dialect: str, haystack: ColumnElement[str], needle: ColumnElement[
     return position > 0
 
 
-def _condition(flt: QueryFilter, dialect: str) -> ColumnElement[bool]:
+# At instance level the study and series UIDs are matched on the instance row itself: its unique index (partition,
+# study, series, SOP) then serves path-scoped searches, where joining from study and series lets planners that lack
+# statistics scan every instance of the partition.
+INSTANCE_LEVEL_COLUMNS = {**COLUMNS, 0x0020000D: instance.c.study_uid, 0x0020000E: instance.c.series_uid}
+
+
+def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> ColumnElement[bool]:
     if flt.match == "universal":
         return true()
     if flt.tag == MODALITIES_IN_STUDY:
@@ -94,12 +100,13 @@ def _condition(flt: QueryFilter, dialect: str) -> ColumnElement[bool]:
                 for word in flt.values
             )
         )
-    return _value_condition(COLUMNS[flt.tag], flt)
+    return _value_condition(columns[flt.tag], flt)
 
 
 def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     """Rows matching ``query``, newest first, one page."""
-    conditions = [_condition(f, index.dialect) for f in query.filters]
+    columns = INSTANCE_LEVEL_COLUMNS if query.level == "instance" else COLUMNS
+    conditions = [_condition(f, index.dialect, columns) for f in query.filters]
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
         stmt = stmt.where(study.c.partition_key == query.partition_key)

@@ -79,6 +79,15 @@ class Index:
     def _greatest(self, a, b):
         return func.greatest(a, b) if self.dialect == "postgresql" else func.max(a, b)
 
+    def refresh_statistics(self) -> None:
+        """SQLite: gathers the statistics its planner needs to prefer a selective filter index over reading in
+        result order (PostgreSQL's autovacuum does this by itself). ``analysis_limit`` keeps it quick on big tables."""
+        if self.dialect != "sqlite":
+            return
+        with self._write(durable=False) as conn:
+            conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+            conn.exec_driver_sql("ANALYZE")
+
     def ping(self) -> None:
         with self.read() as conn:
             conn.execute(text("SELECT 1"))

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 Key = BigInteger().with_variant(Integer, "sqlite")
@@ -113,7 +114,8 @@ instance = Table(
     Index(None, "study_key", "watermark"),
     Index(None, "series_key", "watermark"),
     Index(None, "partition_key", "sop_uid"),
-    Index(None, "status", "created_at"),
+    # only the rows of unfinished stores: a full status index misleads the planner (nearly all rows are created)
+    Index("ix_instance_creating", "created_at", sqlite_where=text("status = 0"), postgresql_where=text("status = 0")),
 )
 
 instance_metadata = Table(
