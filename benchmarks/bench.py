@@ -753,35 +753,46 @@ def qido_queries(data: DataSet, rng: random.Random, n: int) -> dict[str, list[tu
     return out
 
 
-def run_json_phase(
-    targets: list[Target], queries: dict[str, list[tuple[str, dict, int]]], what: str
+def run_interleaved(
+    targets: list[Target], jobs: dict[str, list], what: str, measure: Callable[[Target, object, Sample], None]
 ) -> tuple[list[str], dict]:
+    """For each labelled job list: one Sample per target, requests alternating between targets, ``measure`` doing
+    one request and its checks."""
     rows, cells = [], {}
-    for label, items in queries.items():
+    for label, items in jobs.items():
         rows.append(label)
         log(f"{what} {label}: {len(items)} requests per target")
         for t in targets:
             cells[(label, t.name)] = Sample()
-            timed_get(t, "/studies", {"limit": "1"}, DICOM_JSON, Sample())  # warm-up
         for r, t in orders(targets, len(items)):
-            path, params, expected = items[r]
-            sample = cells[(label, t.name)]
-            resp = timed_get(t, path, params, DICOM_JSON, sample)
-            if resp is None:
-                continue
-            try:
-                got = json_count(resp)
-            except ValueError as exc:
-                sample.error(f"bad JSON: {exc}")
-                continue
-            sample.bytes += len(resp.content)
-            if got != expected:
-                warning = resp.headers.get("warning")
-                sample.error(
-                    f"wrong result count (expected {expected}, got {got})"
-                    + (f"; Warning: {warning}" if warning else "")
-                )
+            measure(t, items[r], cells[(label, t.name)])
     return rows, cells
+
+
+def run_json_phase(
+    targets: list[Target], queries: dict[str, list[tuple[str, dict, int]]], what: str
+) -> tuple[list[str], dict]:
+    for t in targets:
+        timed_get(t, "/studies", {"limit": "1"}, DICOM_JSON, Sample())  # warm-up
+
+    def measure(t: Target, item, sample: Sample) -> None:
+        path, params, expected = item
+        resp = timed_get(t, path, params, DICOM_JSON, sample)
+        if resp is None:
+            return
+        try:
+            got = json_count(resp)
+        except ValueError as exc:
+            sample.error(f"bad JSON: {exc}")
+            return
+        sample.bytes += len(resp.content)
+        if got != expected:
+            warning = resp.headers.get("warning")
+            sample.error(
+                f"wrong result count (expected {expected}, got {got})" + (f"; Warning: {warning}" if warning else "")
+            )
+
+    return run_interleaved(targets, queries, what, measure)
 
 
 def metadata_queries(data: DataSet, rng: random.Random, n: int) -> dict[str, list[tuple[str, dict, int]]]:
@@ -838,23 +849,18 @@ def run_wado(targets: list[Target], data: DataSet, rng: random.Random, n: int) -
         "study retrieve": [(f"/studies/{s.uid}", len(s.instances)) for s in studies],
         "series retrieve": [(f"/studies/{s.study}/series/{s.uid}", len(s.instances)) for s in series],
     }
-    rows, cells = [], {}
-    for label, items in jobs.items():
-        rows.append(label)
-        log(f"WADO {label}: {len(items)} requests per target")
-        for t in targets:
-            cells[(label, t.name)] = Sample()
-        for r, t in orders(targets, len(items)):
-            path, expected = items[r]
-            sample = cells[(label, t.name)]
-            parts = stream_retrieve(t, path, sample)
-            if parts is None:
-                continue
-            if parts != expected:
-                sample.error(f"wrong number of parts (expected {expected}, got {parts})")
-            else:
-                sample.items += parts
-    return rows, cells
+
+    def measure(t: Target, item, sample: Sample) -> None:
+        path, expected = item
+        parts = stream_retrieve(t, path, sample)
+        if parts is None:
+            return
+        if parts != expected:
+            sample.error(f"wrong number of parts (expected {expected}, got {parts})")
+        else:
+            sample.items += parts
+
+    return run_interleaved(targets, jobs, "WADO", measure)
 
 
 def run_frames(targets: list[Target], data: DataSet, rng: random.Random, n: int) -> tuple[list[str], dict]:
@@ -867,33 +873,28 @@ def run_frames(targets: list[Target], data: DataSet, rng: random.Random, n: int)
         "single-frame instances, frame 1": [(i, 1) for i in singles],
     }
     expected_cache: dict[tuple[str, int], bytes] = {}
-    rows, cells = [], {}
-    for label, items in jobs.items():
-        rows.append(label)
-        log(f"frames {label}: {len(items)} requests per target")
-        for t in targets:
-            cells[(label, t.name)] = Sample()
-        for r, t in orders(targets, len(items)):
-            inst, number = items[r]
-            sample = cells[(label, t.name)]
-            path = f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}/frames/{number}"
-            resp = timed_get(t, path, None, ACCEPT_FRAME, sample)
-            if resp is None:
-                continue
-            sample.bytes += len(resp.content)
-            try:
-                parts = parse_multipart(resp.content, resp.headers.get("content-type", ""))
-            except ValueError as exc:
-                sample.error(f"bad multipart: {exc}")
-                continue
-            key = (inst.sop, number)
-            if key not in expected_cache:
-                expected_cache[key] = expected_frame(data, inst, number)
-            if len(parts) != 1:
-                sample.error(f"expected 1 part, got {len(parts)}")
-            elif parts[0][1] != expected_cache[key]:
-                sample.error(f"frame bytes differ from the stored pixel data ({len(parts[0][1])} bytes)")
-    return rows, cells
+
+    def measure(t: Target, item, sample: Sample) -> None:
+        inst, number = item
+        path = f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}/frames/{number}"
+        resp = timed_get(t, path, None, ACCEPT_FRAME, sample)
+        if resp is None:
+            return
+        sample.bytes += len(resp.content)
+        try:
+            parts = parse_multipart(resp.content, resp.headers.get("content-type", ""))
+        except ValueError as exc:
+            sample.error(f"bad multipart: {exc}")
+            return
+        key = (inst.sop, number)
+        if key not in expected_cache:
+            expected_cache[key] = expected_frame(data, inst, number)
+        if len(parts) != 1:
+            sample.error(f"expected 1 part, got {len(parts)}")
+        elif parts[0][1] != expected_cache[key]:
+            sample.error(f"frame bytes differ from the stored pixel data ({len(parts[0][1])} bytes)")
+
+    return run_interleaved(targets, jobs, "frames", measure)
 
 
 # --------------------------------------------------------------------------------------------
