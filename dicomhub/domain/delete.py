@@ -20,8 +20,7 @@ class DeleteService:
     def delete(self, partition: Partition, study: str, series: str | None = None, sop: str | None = None) -> int:
         count = self.index.delete(partition.key, study, series, sop, self.delay, _reindex)
         if not count:
-            level = "instance" if sop is not None else "series" if series is not None else "study"
-            raise ResourceNotFound(f"The specified {level} cannot be found.")
+            raise ResourceNotFound.scope(series, sop)
         return count
 
 

@@ -18,6 +18,12 @@ class InvalidRequest(DicomHubError):
 class ResourceNotFound(DicomHubError):
     """The addressed study, series, instance, frame or partition does not exist."""
 
+    @classmethod
+    def scope(cls, series: str | None, sop: str | None) -> ResourceNotFound:
+        """Azure's message for a missing study, series or instance (the deepest level addressed)."""
+        level = "instance" if sop is not None else "series" if series is not None else "study"
+        return cls(f"The specified {level} cannot be found.")
+
 
 class NotAcceptable(DicomHubError):
     """No representation the client accepts can be produced."""

@@ -50,8 +50,7 @@ class RetrieveService:
     ) -> list[StoredInstance]:
         found = self.index.find_instances(partition.key, study, series, sop)
         if not found:
-            level = "instance" if sop is not None else "series" if series is not None else "study"
-            raise ResourceNotFound(f"The specified {level} cannot be found.")
+            raise ResourceNotFound.scope(series, sop)
         return found
 
     def check_transfer_syntax(self, found: list[StoredInstance], target: str) -> None:
@@ -138,8 +137,7 @@ class RetrieveService:
         """
         documents = self.index.metadata(partition.key, study, series, sop)
         if not documents:
-            level = "instance" if sop is not None else "series" if series is not None else "study"
-            raise ResourceNotFound(f"The specified {level} cannot be found.")
+            raise ResourceNotFound.scope(series, sop)
         newest = max(watermark for watermark, _ in documents)
         etag = str(newest) if sop is not None else f"{newest}-{len(documents)}"
         return etag, "[" + ",".join(document for _, document in documents) + "]"
