@@ -15,15 +15,18 @@ from dicomhub.blobs.base import Staged
 class FileSystemBlobStore:
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root.resolve()
+        self._root_text = str(self.root)
+        self._root_prefix = self._root_text + os.sep
         self.staging = self.root / ".staging"
         self.fsync = fsync
         self.staging.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root not in path.parents:
+        """The file of a key; lexical normalisation (no file-system calls: this is on every read) keeps it inside."""
+        path = os.path.normpath(os.path.join(self._root_text, key))
+        if not path.startswith(self._root_prefix):
             raise ValueError(f"blob key escapes the store: {key!r}")
-        return path
+        return Path(path)
 
     def new_staging_file(self) -> Path:
         return self.staging / f"{uuid.uuid4().hex}.part"
