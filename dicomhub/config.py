@@ -28,6 +28,12 @@ class Settings(BaseSettings):
         2 * 1024**3, description="Largest DICOM file or multipart part accepted by STOW (bytes)."
     )
     max_transcode_size: int = Field(100 * 1024**2, description="Largest file that may be transcoded or parsed (bytes).")
+    decode_slots: int = Field(
+        2, description="Decodes/encodes of pixel data (transcode, render) that may run at once; others wait."
+    )
+    max_decoded_size: int = Field(
+        512 * 1024**2, description="Largest decoded pixel data (rows x columns x samples x bytes x frames) handled."
+    )
     fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
     gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")

@@ -10,6 +10,7 @@ from dicomhub.blobs.base import BlobStore
 from dicomhub.blobs.filesystem import FileSystemBlobStore
 from dicomhub.config import DEFAULT_PARTITION, Settings
 from dicomhub.domain.cleanup import CleanupService
+from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
 from dicomhub.domain.query import QueryService
 from dicomhub.domain.retrieve import RetrieveService
@@ -30,6 +31,7 @@ class Services:
     settings: Settings
     index: Index
     blobs: BlobStore
+    decoding: DecodeLimiter
     store: StoreService
     retrieve: RetrieveService
     query: QueryService
@@ -55,10 +57,12 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
                 "set DICOMHUB_ENABLE_PARTITIONS=true."
             )
     blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
+    decoding = DecodeLimiter(settings)
     return Services(
         settings=settings,
         index=index,
         blobs=blobs,
+        decoding=decoding,
         store=StoreService(index, blobs, settings),
         retrieve=RetrieveService(index, blobs, settings),
         query=QueryService(index),

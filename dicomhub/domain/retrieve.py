@@ -16,19 +16,13 @@ from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import native_frame_length
 from dicomhub.dicom.transcode import NATIVE, can_transcode, little_endian_pixel_data, transcode
+from dicomhub.domain.decoding import too_large_message
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFound
 from dicomhub.index.records import Partition, StoredInstance
 from dicomhub.index.repository import Index
 
 ORIGINAL = "*"
 NO_PIXEL_DATA = "The specified frame cannot be found: the instance has no pixel data."
-
-
-def too_large_message(limit: int) -> str:
-    return (
-        f"Requested DICOM instance size is above the supported limit of {limit}. The entire instance can be "
-        "retrieved with the original transfer syntax by specifying 'transfer-syntax=*' in the Accept header."
-    )
 
 
 @dataclass(frozen=True)
