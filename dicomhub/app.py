@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from dicomhub import __version__
-from dicomhub.api import delete, health, partitions, qido, stow, wado
+from dicomhub.api import delete, health, operations, partitions, qido, stow, wado
 from dicomhub.api.errors import install_error_handlers
 from dicomhub.config import Settings
 from dicomhub.services import Services, build_services
@@ -79,8 +80,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_cleanup_loop(services))
+        stop = threading.Event()
+        worker = None
+        if settings.run_operations:
+            worker = threading.Thread(
+                target=services.operation_worker().run, args=(stop,), name="operations", daemon=True
+            )
+            worker.start()
         yield
+        stop.set()
         task.cancel()
+        if worker is not None:
+            await run_in_threadpool(worker.join, 30)
 
     app = FastAPI(
         title="dicomhub",
@@ -94,6 +105,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.include_router(router, prefix="/v{version}")
         app.include_router(router, prefix="/v{version}/partitions/{partition_name}", include_in_schema=False)
     app.include_router(partitions.router)
+    app.include_router(operations.router)
     app.include_router(health.router)
 
     app.add_middleware(ObserveMiddleware)

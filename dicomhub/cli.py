@@ -47,6 +47,9 @@ def serve(
         rolled_back = services.cleanup.rollback_unfinished_stores(datetime.now(UTC))
         if rolled_back:
             console.print(f"rolled back {rolled_back} unfinished store(s) left by a crash")
+        resumed = services.operations.store.release_all_leases()
+        if resumed:
+            console.print(f"resuming {resumed} operation task(s) left by a crash")
     services.index.engine.dispose()
     if workers > 1:  # Prometheus counters shared by the worker processes through files
         metrics_dir = settings.data_dir / ".metrics"
@@ -62,6 +65,29 @@ def serve(
         access_log=False,
         timeout_keep_alive=30,
     )
+
+
+@app.command()
+def worker() -> None:
+    """Run long-running operations (re-index, bulk update) in this process until interrupted.
+
+    Any number of workers may run beside the servers (set DICOMHUB_RUN_OPERATIONS=false on the servers to keep
+    them out of it); they share the work through the index.
+    """
+    import signal
+    import threading
+
+    from dicomhub.logs import configure_logging
+    from dicomhub.services import build_services
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    services = build_services(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    console.print("operation worker started")
+    services.operation_worker().run(stop)
 
 
 @app.command("migrate")

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     workers: int = Field(
         default_factory=lambda: min(os.cpu_count() or 1, 4), description="API worker processes of `dicomhub serve`."
     )
+    run_operations: bool = Field(
+        True, description="Run long-running operations (re-index, bulk update) inside the server processes."
+    )
+    operation_lease_seconds: float = Field(
+        120.0, description="How long a worker holds an operation task before another may take it over."
+    )
+    operation_poll_seconds: float = Field(1.0, description="How often an idle operation worker looks for work.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Write logs as JSON lines.")
 

@@ -12,10 +12,12 @@ from dicomhub.config import DEFAULT_PARTITION, Settings
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
+from dicomhub.domain.operations import OperationHandler, OperationService, OperationWorker
 from dicomhub.domain.query import QueryService
 from dicomhub.domain.retrieve import RetrieveService
 from dicomhub.domain.store import StoreService
 from dicomhub.index.engine import make_engine, migrate
+from dicomhub.index.operations import OperationStore
 from dicomhub.index.repository import Index
 
 # Stored files are kept byte for byte; invalid values are reported by our validation, not by pydicom warnings.
@@ -37,6 +39,11 @@ class Services:
     query: QueryService
     delete: DeleteService
     cleanup: CleanupService
+    operations: OperationService
+    operation_handlers: list[OperationHandler]
+
+    def operation_worker(self) -> OperationWorker:
+        return OperationWorker(self.operations.store, self.operation_handlers, self.settings)
 
     @property
     def embedded(self) -> bool:
@@ -58,6 +65,8 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
             )
     blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
     decoding = DecodeLimiter(settings)
+    operations = OperationService(OperationStore(index.engine))
+    handlers: list[OperationHandler] = []
     return Services(
         settings=settings,
         index=index,
@@ -68,4 +77,6 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
         query=QueryService(index),
         delete=DeleteService(index, settings),
         cleanup=CleanupService(index, blobs, settings),
+        operations=operations,
+        operation_handlers=handlers,
     )

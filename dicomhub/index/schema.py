@@ -167,3 +167,42 @@ blob_cleanup = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Index(None, "delete_after"),
 )
+
+# Long-running operations (re-index, bulk update, export): an operation is cut into tasks when it starts; workers
+# claim tasks under a lease, so a crashed worker's task is taken up again and no task is done twice meanwhile.
+operation = Table(
+    "operation",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("type", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("parameters", Text, nullable=False),
+    Column("resources", Text, nullable=False),
+    Column("results", Text),
+    Column("task_count", Integer, nullable=False, default=0),
+    Column("tasks_done", Integer, nullable=False, default=0),
+    # the lease of the worker planning or finishing the operation
+    Column("lease_owner", String(64)),
+    Column("lease_expires", DateTime(timezone=True)),
+    Index(None, "status", "created_at"),
+    Index(None, "type", "status"),
+)
+
+TASK_PENDING = 0
+TASK_DONE = 1
+
+operation_task = Table(
+    "operation_task",
+    metadata,
+    Column("operation_id", String(32), ForeignKey("operation.id", ondelete="CASCADE"), primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("result", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_expires", DateTime(timezone=True)),
+    Index(None, "status", "lease_expires"),
+)
