@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dicomhub.index.changefeed import Change, append_changes
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
     CHANGE_CREATE,
@@ -22,7 +23,6 @@ from dicomhub.index.schema import (
     NAME_PATIENT,
     NAME_REFERRING_PHYSICIAN,
     blob_cleanup,
-    change_feed,
     instance,
     instance_metadata,
     name_word,
@@ -222,7 +222,6 @@ class Index:
         words and change-feed entries."""
         if not news:
             return
-        now = _now()
         with self._write() as conn:
             for new in news:
                 study_key = conn.execute(
@@ -268,22 +267,8 @@ class Index:
                         self._add_words, [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words]
                     )
             conn.execute(insert(instance_metadata), [{"watermark": n.watermark, "json": n.metadata_json} for n in news])
-            conn.execute(
-                insert(change_feed),
-                [
-                    {
-                        "timestamp": now,
-                        "action": CHANGE_CREATE,
-                        "partition_key": n.partition_key,
-                        "study_uid": n.study_uid,
-                        "series_uid": n.series_uid,
-                        "sop_uid": n.sop_uid,
-                        "original_watermark": n.watermark,
-                        "current_watermark": n.watermark,
-                    }
-                    for n in news
-                ],
-            )
+            created = [(n.partition_key, n.study_uid, n.series_uid, n.sop_uid, n.watermark, n.watermark) for n in news]
+            append_changes(conn, [Change(CHANGE_CREATE, *c) for c in created])  # last: holds a lock until the commit
 
     def stale_creates(self, before: datetime) -> list[PendingCreate]:
         with self.read() as conn:
@@ -397,22 +382,6 @@ class Index:
                 conn.execute(delete(instance).where(instance.c.watermark.in_(chunk)))
             now = _now()
             conn.execute(
-                insert(change_feed),
-                [
-                    {
-                        "timestamp": now,
-                        "action": CHANGE_DELETE,
-                        "partition_key": partition_key,
-                        "study_uid": v.study_uid,
-                        "series_uid": v.series_uid,
-                        "sop_uid": v.sop_uid,
-                        "original_watermark": v.watermark,
-                        "current_watermark": None,
-                    }
-                    for v in victims
-                ],
-            )
-            conn.execute(
                 insert(blob_cleanup),
                 [{"blob_key": v.blob_key, "delete_after": now + delete_after, "attempts": 0} for v in victims],
             )
@@ -420,6 +389,13 @@ class Index:
                 self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key, reindex)
             for study_key in {v.study_key for v in victims}:
                 self._refresh_level(conn, study, study.c.study_key, instance.c.study_key, study_key, reindex)
+            append_changes(  # last: it holds the feed's append lock until the commit
+                conn,
+                [
+                    Change(CHANGE_DELETE, partition_key, v.study_uid, v.series_uid, v.sop_uid, v.watermark, None)
+                    for v in victims
+                ],
+            )
             return len(victims)
 
     @staticmethod

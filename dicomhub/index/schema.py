@@ -154,7 +154,7 @@ change_feed = Table(
     Column("sop_uid", String(64), nullable=False),
     Column("original_watermark", Key, nullable=False),
     Column("current_watermark", Key),
-    Index(None, "timestamp"),
+    Index(None, "timestamp", "sequence"),  # v2 pages: (timestamp, sequence) order
     Index(None, "partition_key", "study_uid", "series_uid", "sop_uid"),
 )
 
