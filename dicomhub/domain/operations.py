@@ -130,6 +130,11 @@ class OperationHandler(Protocol):
         ...
 
 
+def retry_delay(attempts: int) -> timedelta:
+    """Back-off before a failed task is tried again."""
+    return timedelta(seconds=2**attempts)
+
+
 def new_operation_id() -> str:
     return uuid.uuid4().hex
 
@@ -242,7 +247,7 @@ class OperationWorker:
                     operation.id, None, OperationStatus.FAILED.value, {"errors": [message]}, datetime.now(UTC)
                 )
             else:
-                retry_at = datetime.now(UTC) + timedelta(seconds=2**task.attempts)
+                retry_at = datetime.now(UTC) + retry_delay(task.attempts)
                 self.store.release_task(operation.id, task.number, self.owner, retry_at)
             return
         self.store.complete_task(operation.id, task.number, self.owner, result, datetime.now(UTC))
