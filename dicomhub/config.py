@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     max_decoded_size: int = Field(
         512 * 1024**2, description="Largest decoded pixel data (rows x columns x samples x bytes x frames) handled."
     )
+    thumbnail_size: int = Field(128, description="Thumbnails fit in this many pixels square unless viewport is given.")
+    thumbnail_cache_size: int = Field(
+        256 * 1024**2, description="Bytes of encoded thumbnails kept under data_dir/thumbnails (0: no cache)."
+    )
     fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
     gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")

@@ -14,6 +14,7 @@ from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
 from dicomhub.domain.operations import OperationHandler, OperationService, OperationWorker
 from dicomhub.domain.query import QueryService
+from dicomhub.domain.render import RenderService, ThumbnailCache
 from dicomhub.domain.retrieve import RetrieveService
 from dicomhub.domain.store import StoreService
 from dicomhub.index.engine import make_engine, migrate
@@ -37,6 +38,7 @@ class Services:
     store: StoreService
     retrieve: RetrieveService
     query: QueryService
+    render: RenderService
     delete: DeleteService
     cleanup: CleanupService
     operations: OperationService
@@ -75,6 +77,9 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
         store=StoreService(index, blobs, settings),
         retrieve=RetrieveService(index, blobs, settings),
         query=QueryService(index),
+        render=RenderService(
+            index, blobs, decoding, ThumbnailCache(settings.data_dir / "thumbnails", settings.thumbnail_cache_size)
+        ),
         delete=DeleteService(index, settings),
         cleanup=CleanupService(index, blobs, settings),
         operations=operations,
