@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     thumbnail_cache_size: int = Field(
         256 * 1024**2, description="Bytes of encoded thumbnails kept under data_dir/thumbnails (0: no cache)."
     )
+    metadata_bulkdata: bool = Field(
+        False,
+        description="Metadata carries BulkDataURI for bulk values by default (else only when asked: bulkdata=uri); "
+        "off keeps Azure's metadata, which leaves them out.",
+    )
+    bulkdata_uri_threshold: int = Field(
+        1024, description="In metadata with bulk data, values longer than this (bytes) become BulkDataURI."
+    )
     fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
     gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import pydicom.config
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.blobs.filesystem import FileSystemBlobStore
 from dicomhub.config import DEFAULT_PARTITION, Settings
+from dicomhub.domain.bulkdata import BulkdataService
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
@@ -43,6 +45,11 @@ class Services:
     cleanup: CleanupService
     operations: OperationService
     operation_handlers: list[OperationHandler]
+
+    @cached_property
+    def bulkdata(self) -> BulkdataService:
+        """Built on first use from the retrieve service it reads through."""
+        return BulkdataService(self.blobs, self.retrieve, self.settings)
 
     def operation_worker(self) -> OperationWorker:
         return OperationWorker(self.operations.store, self.operation_handlers, self.settings)

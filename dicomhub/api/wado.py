@@ -179,10 +179,16 @@ async def _metadata(request: Request, ctx: RequestContext, study: str, series: s
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
     if not accepts_dicom_json(_accept(request)):
         return Response(status_code=406)
+    from dicomhub.api.bulkdata import wants_bulkdata_uris  # here: the bulk data routes are a separate module
+
+    settings = ctx.services.settings
+    uris = wants_bulkdata_uris(request.query_params.get("bulkdata"), _accept(request), settings.metadata_bulkdata)
     retrieve = ctx.services.retrieve
     if_none_match = request.headers.get("if-none-match")
 
     def read() -> tuple[str, str]:
+        if uris:  # bulk values as BulkDataURI, from the stored files (opt-in; Azure leaves them out)
+            return ctx.services.bulkdata.metadata(ctx.partition(), study, series, sop, ctx.base_url())
         return retrieve.metadata(ctx.partition(), study, series, sop)
 
     etag, body = await run_in_threadpool(read)

@@ -1,0 +1,191 @@
+"""Bulk data: metadata with BulkDataURI in place of bulk values, the values those URIs name, and pixel data (CP-2040).
+
+Computed from the stored file on demand (parsed up to the pixel data; values served by range reads). Deflated
+files are re-encoded in memory first (their offsets would be into the inflated stream), within the transcoding
+size limit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from dicomhub.blobs.base import BlobStore
+from dicomhub.config import Settings
+from dicomhub.dicom.bulkdata import Located, add_bulkdata, format_path, inflated, locate, parse_path
+from dicomhub.dicom.transcode import NATIVE
+from dicomhub.domain.decoding import too_large_message
+from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFound
+from dicomhub.domain.retrieve import ORIGINAL, RetrieveService
+from dicomhub.index.records import Partition, StoredInstance
+
+NO_PIXEL_DATA = "The specified instance has no pixel data."
+Segment = tuple[int, int]  # (offset, length) in a value's source
+
+
+@dataclass(frozen=True)
+class Value:
+    """Bytes to serve: segments of a source (a blob, or bytes in memory), read lazily, in any sub-range."""
+
+    transfer_syntax: str
+    segments: tuple[Segment, ...]
+    read: Callable[[int, int], Iterator[bytes]]
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.segments)
+
+    def chunks(self, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """The bytes ``start`` .. ``start + length`` of the value (to its end when ``length`` is ``None``)."""
+        end = self.length if length is None else start + length
+        position = 0
+        for offset, size in self.segments:
+            low, high = max(start, position), min(end, position + size)
+            if low < high:
+                yield from self.read(offset + low - position, high - low)
+            position += size
+
+
+@dataclass(frozen=True)
+class PixelData:
+    """The pixel data of one instance: one value (native), or one value per frame (encapsulated)."""
+
+    instance: StoredInstance
+    values: list[Value]
+    per_frame: bool
+
+
+def _memory_reader(data: bytes) -> Callable[[int, int], Iterator[bytes]]:
+    return lambda offset, length: iter((data[offset : offset + length],))
+
+
+def _memory_value(transfer_syntax: str, data: bytes) -> Value:
+    return Value(transfer_syntax, ((0, len(data)),), _memory_reader(data))
+
+
+class BulkdataService:
+    def __init__(self, blobs: BlobStore, retrieve: RetrieveService, settings: Settings) -> None:
+        self.blobs = blobs
+        self.retrieve = retrieve
+        self.settings = settings
+
+    # -- metadata -----------------------------------------------------------------------------------------------
+    def metadata(
+        self, partition: Partition, study: str, series: str | None, sop: str | None, base_url: str
+    ) -> tuple[str, str]:
+        """(ETag, DICOM JSON array) as :meth:`RetrieveService.metadata`, with the bulk values of each instance's
+        file added as BulkDataURI (or InlineBinary when short). URIs are absolute, under ``base_url``
+        (``{scheme}://{host}/v{n}[/partitions/{name}]``). The ETag gets a suffix: it is another representation."""
+        etag, body = self.retrieve.metadata(partition, study, series, sop)
+        documents = json.loads(body)
+        found = {(i.series_uid, i.sop_uid): i for i in self.retrieve.instances(partition, study, series, sop)}
+        for document in documents:
+            inst = found.get((_uid(document, "0020000E"), _uid(document, "00080018")))
+            if inst is None:
+                continue  # deleted between the two reads
+            try:
+                with self._located(inst) as (located, _):
+                    url = instance_url(base_url, inst)
+                    add_bulkdata(
+                        document,
+                        located,
+                        self.settings.bulkdata_uri_threshold,
+                        lambda path, url=url: f"{url}/bulkdata/{format_path(path)}",
+                        f"{url}/pixeldata",
+                    )
+            except FileNotFoundError:
+                continue  # deleted since: its JSON is still consistent, only without bulk data
+        return f"{etag}-bulkdata", json.dumps(documents, separators=(",", ":"), ensure_ascii=False)
+
+    # -- single values ------------------------------------------------------------------------------------------
+    def value(self, partition: Partition, study: str, series: str, sop: str, path_text: str) -> Value:
+        """The value at the element path (see :mod:`dicomhub.dicom.bulkdata`) of one instance, as stored."""
+        try:
+            path = parse_path(path_text)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        inst = self.retrieve.instances(partition, study, series, sop)[0]
+        with self._located(inst) as (located, read):
+            value = located.find(path)
+            if value is None:
+                raise ResourceNotFound(
+                    f"The instance has no bulk data element at '{format_path(path)}' (no such element, or one "
+                    "whose value cannot be bulk data, such as a sequence or a name)."
+                )
+            return Value(_label(located), ((value.offset, value.length),), read)
+
+    # -- pixel data ---------------------------------------------------------------------------------------------
+    def pixel_data(self, partition: Partition, study: str, series: str | None, sop: str | None) -> list[PixelData]:
+        """The pixel data of every instance in scope that has some; an instance without any is a 404 when it was
+        addressed itself. Encapsulated pixel data comes as its frames, in the stored transfer syntax."""
+        found = self.retrieve.instances(partition, study, series, sop)
+        out = []
+        for inst in found:
+            pixel = self._pixel_data(inst)
+            if pixel is not None:
+                out.append(pixel)
+        if not out:
+            raise ResourceNotFound(NO_PIXEL_DATA if sop is not None else "The specified scope has no pixel data.")
+        return out
+
+    def _pixel_data(self, inst: StoredInstance) -> PixelData | None:
+        if inst.transfer_syntax_uid not in NATIVE:
+            if not inst.frame_count:
+                return None
+            ranges = json.loads(inst.frames_json) if inst.frames_json else []
+            if len(ranges) == inst.frame_count:
+                read = self._blob_reader(inst)
+                values = [Value(inst.transfer_syntax_uid, tuple(map(tuple, r)), read) for r in ranges]
+            else:  # not indexed at store time: the frames of the parsed file
+                parts = self.retrieve.frames(inst, list(range(1, inst.frame_count + 1)), ORIGINAL)
+                values = [_memory_value(inst.transfer_syntax_uid, b"".join(p.chunks)) for p in parts]
+            return PixelData(inst, values, per_frame=True)
+        with self._located(inst) as (located, read):
+            if located.pixel is None:
+                return None
+            pixel = located.pixel
+            return PixelData(inst, [Value(_label(located), ((pixel.offset, pixel.length),), read)], per_frame=False)
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def _blob_reader(self, inst: StoredInstance) -> Callable[[int, int], Iterator[bytes]]:
+        return lambda offset, length: self.blobs.iter_range(inst.blob_key, offset, length)
+
+    @contextmanager
+    def _located(self, inst: StoredInstance) -> Iterator[tuple[Located, Callable[[int, int], Iterator[bytes]]]]:
+        """The bulk values of the instance's file, and a reader of that file's bytes (a deflated file is re-encoded
+        in memory first, so offsets are into that copy)."""
+        if UID(inst.transfer_syntax_uid) != DeflatedExplicitVRLittleEndian:
+            with self.blobs.open(inst.blob_key) as f:
+                yield _locate(f), self._blob_reader(inst)
+            return
+        if inst.file_size > self.settings.max_transcode_size:
+            raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
+        with self.blobs.open(inst.blob_key) as f:
+            data = inflated(f)
+        yield _locate(io.BytesIO(data)), _memory_reader(data)
+
+
+def _locate(f: BinaryIO) -> Located:
+    try:
+        return locate(f)
+    except (ValueError, OSError, EOFError) as exc:  # stored files were parsed at store time; defensive only
+        raise NotAcceptable(f"The bulk data of the instance cannot be read: {exc}") from None
+
+
+def _label(located: Located) -> str:
+    return str(located.transfer_syntax)
+
+
+def _uid(document: dict, key: str) -> str | None:
+    values = document.get(key, {}).get("Value")
+    return values[0] if values else None
+
+
+def instance_url(base_url: str, inst: StoredInstance) -> str:
+    return f"{base_url}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
