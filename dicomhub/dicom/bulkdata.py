@@ -39,7 +39,7 @@ ElementPath = tuple[int, ...]  # tag, item index, tag, item index, ..., tag
 
 @dataclass(frozen=True)
 class BulkValue:
-    """One element value in the file: where it is, and its raw bytes when the parser read them (small values)."""
+    """One element value in the file: where it is, and its raw bytes when it is to be inlined (short bulk values)."""
 
     path: ElementPath
     vr: str
@@ -54,8 +54,9 @@ class BulkValue:
 
 @dataclass(frozen=True)
 class Located:
-    """The values of a file that may be served as bulk data: every value of a VR in :data:`URI_VRS` before the
-    pixel data, in file order, and the top-level pixel data element (``None`` when there is none)."""
+    """The values of a file that metadata names as bulk data, in file order (every value of a bulk VR, and values
+    of the other VRs in :data:`URI_VRS` longer than the threshold), and the top-level pixel data element (``None``
+    when there is none). Small enough to cache: no values are kept but the short bulk ones to inline."""
 
     transfer_syntax: UID
     values: list[BulkValue]
@@ -103,19 +104,21 @@ def inflated(f: BinaryIO) -> bytes:
     return out.getvalue()
 
 
-def locate(f: BinaryIO) -> Located:
-    """The bulk values of the Part-10 file ``f`` (not deflated: offsets must be file offsets)."""
-    ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+def locate(f: BinaryIO, threshold: int) -> Located:
+    """The bulk values of the Part-10 file ``f`` (not deflated: offsets must be file offsets); ``threshold`` as in
+    :func:`add_bulkdata`."""
+    ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=max(_DEFER_SIZE, threshold))
     ts = UID(str(ds.file_meta.TransferSyntaxUID).rstrip("\0 "))
     pixel_at = f.tell()
-    reader = _Reader(f, ts)
+    reader = _Reader(f, ts, threshold)
     values = list(reader.walk(ds, ()))
     return Located(ts, values, reader.pixel(pixel_at))
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, ts: UID) -> None:
+    def __init__(self, f: BinaryIO, ts: UID, threshold: int) -> None:
         self.f = f
+        self.threshold = threshold
         self.implicit = ts.is_implicit_VR
         self.little = ts.is_little_endian
         self.endian = "<" if self.little else ">"
@@ -134,7 +137,9 @@ class _Reader:
                 length = elem.length
                 if length == _UNDEFINED:
                     length = len(elem.value) if elem.value is not None else self._encapsulated_length(elem.value_tell)
-                yield BulkValue((*prefix, tag), vr, elem.value_tell, length, elem.value)
+                if vr in BULK_VRS or length > self.threshold:
+                    inline = vr in BULK_VRS and length <= self.threshold
+                    yield BulkValue((*prefix, tag), vr, elem.value_tell, length, elem.value if inline else None)
 
     def _vr(self, ds: Dataset, tag: int, elem: Any) -> str:
         """The element's VR: as written (explicit VR), else from the dictionaries; ambiguous and private ones are
@@ -194,16 +199,15 @@ class _Reader:
 def add_bulkdata(
     document: dict[str, Any],
     located: Located,
-    threshold: int,
     uri_of: Callable[[ElementPath], str],
     pixel_uri: str,
 ) -> dict[str, Any]:
-    """Adds the bulk values to an instance's stored DICOM JSON (which has the bulk VRs left out), in place.
+    """Adds the located values to an instance's stored DICOM JSON (which has the bulk VRs left out), in place.
 
-    Values of bulk VRs longer than ``threshold`` bytes become a BulkDataURI, shorter ones InlineBinary; values of
-    the other VRs that may be bulk data and are longer than ``threshold`` have their Value replaced by a
-    BulkDataURI. Elements that the stored JSON left out for other reasons (invalid values, an unreadable sequence)
-    stay out. The top-level pixel data always points at ``pixel_uri``.
+    Values of bulk VRs longer than the threshold of :func:`locate` become a BulkDataURI, shorter ones InlineBinary;
+    values of the other VRs that may be bulk data and are longer than it have their Value replaced by a BulkDataURI.
+    Elements that the stored JSON left out for other reasons (invalid values, an unreadable sequence) stay out. The
+    top-level pixel data always points at ``pixel_uri``.
     """
     touched: dict[int, dict[str, Any]] = {}
     for value in located.values:
@@ -212,8 +216,8 @@ def add_bulkdata(
             continue
         key = f"{value.tag:08X}"
         if value.vr in BULK_VRS:
-            node[key] = _bulk_json(value, threshold, uri_of)
-        elif key in node and value.length > threshold:
+            node[key] = _bulk_json(value, uri_of)
+        elif key in node:
             node[key] = {"vr": node[key].get("vr", value.vr), "BulkDataURI": uri_of(value.path)}
         else:
             continue
@@ -228,11 +232,11 @@ def add_bulkdata(
     return document
 
 
-def _bulk_json(value: BulkValue, threshold: int, uri_of: Callable[[ElementPath], str]) -> dict[str, Any]:
-    if value.length > threshold or value.raw is None:
-        return {"vr": value.vr, "BulkDataURI": uri_of(value.path)}
+def _bulk_json(value: BulkValue, uri_of: Callable[[ElementPath], str]) -> dict[str, Any]:
     if not value.length:
         return {"vr": value.vr}
+    if value.raw is None:
+        return {"vr": value.vr, "BulkDataURI": uri_of(value.path)}
     return {"vr": value.vr, "InlineBinary": base64.b64encode(value.raw).decode("ascii")}
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -26,6 +27,7 @@ from dicomhub.domain.retrieve import ORIGINAL, RetrieveService
 from dicomhub.index.records import Partition, StoredInstance
 
 NO_PIXEL_DATA = "The specified instance has no pixel data."
+CACHE_ENTRIES = 20_000  # located files kept per process: repeated metadata of a study skips parsing its files
 Segment = tuple[int, int]  # (offset, length) in a value's source
 
 
@@ -74,6 +76,7 @@ class BulkdataService:
         self.blobs = blobs
         self.retrieve = retrieve
         self.settings = settings
+        self._cache = _Cache(CACHE_ENTRIES)
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def metadata(
@@ -90,17 +93,13 @@ class BulkdataService:
             if inst is None:
                 continue  # deleted between the two reads
             try:
-                with self._located(inst) as (located, _):
-                    url = instance_url(base_url, inst)
-                    add_bulkdata(
-                        document,
-                        located,
-                        self.settings.bulkdata_uri_threshold,
-                        lambda path, url=url: f"{url}/bulkdata/{format_path(path)}",
-                        f"{url}/pixeldata",
-                    )
+                located, _ = self._located(inst)
             except FileNotFoundError:
                 continue  # deleted since: its JSON is still consistent, only without bulk data
+            url = instance_url(base_url, inst)
+            add_bulkdata(
+                document, located, lambda path, url=url: f"{url}/bulkdata/{format_path(path)}", f"{url}/pixeldata"
+            )
         return f"{etag}-bulkdata", json.dumps(documents, separators=(",", ":"), ensure_ascii=False)
 
     # -- single values ------------------------------------------------------------------------------------------
@@ -111,14 +110,14 @@ class BulkdataService:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         inst = self.retrieve.instances(partition, study, series, sop)[0]
-        with self._located(inst) as (located, read):
-            value = located.find(path)
-            if value is None:
-                raise ResourceNotFound(
-                    f"The instance has no bulk data element at '{format_path(path)}' (no such element, or one "
-                    "whose value cannot be bulk data, such as a sequence or a name)."
-                )
-            return Value(_label(located), ((value.offset, value.length),), read)
+        located, read = self._located(inst)
+        value = located.find(path)
+        if value is None:
+            raise ResourceNotFound(
+                f"The instance has no bulk data element at '{format_path(path)}' (no such element, or one whose "
+                "value is not bulk data: a sequence, a name, a short number or text)."
+            )
+        return Value(_label(located), ((value.offset, value.length),), read)
 
     # -- pixel data ---------------------------------------------------------------------------------------------
     def pixel_data(self, partition: Partition, study: str, series: str | None, sop: str | None) -> list[PixelData]:
@@ -146,34 +145,60 @@ class BulkdataService:
                 parts = self.retrieve.frames(inst, list(range(1, inst.frame_count + 1)), ORIGINAL)
                 values = [_memory_value(inst.transfer_syntax_uid, b"".join(p.chunks)) for p in parts]
             return PixelData(inst, values, per_frame=True)
-        with self._located(inst) as (located, read):
-            if located.pixel is None:
-                return None
-            pixel = located.pixel
-            return PixelData(inst, [Value(_label(located), ((pixel.offset, pixel.length),), read)], per_frame=False)
+        located, read = self._located(inst)
+        if located.pixel is None:
+            return None
+        pixel = located.pixel
+        return PixelData(inst, [Value(_label(located), ((pixel.offset, pixel.length),), read)], per_frame=False)
 
     # -- files --------------------------------------------------------------------------------------------------
     def _blob_reader(self, inst: StoredInstance) -> Callable[[int, int], Iterator[bytes]]:
         return lambda offset, length: self.blobs.iter_range(inst.blob_key, offset, length)
 
-    @contextmanager
-    def _located(self, inst: StoredInstance) -> Iterator[tuple[Located, Callable[[int, int], Iterator[bytes]]]]:
-        """The bulk values of the instance's file, and a reader of that file's bytes (a deflated file is re-encoded
-        in memory first, so offsets are into that copy)."""
-        if UID(inst.transfer_syntax_uid) != DeflatedExplicitVRLittleEndian:
+    def _located(self, inst: StoredInstance) -> tuple[Located, Callable[[int, int], Iterator[bytes]]]:
+        """The bulk values of the instance's file, and a reader of that file's bytes. A deflated file is re-encoded
+        in memory first (offsets are into that copy); the others' values are cached by blob key, which is never
+        reused for other content, so a cached entry cannot go stale."""
+        threshold = self.settings.bulkdata_uri_threshold
+        if UID(inst.transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+            if inst.file_size > self.settings.max_transcode_size:
+                raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
             with self.blobs.open(inst.blob_key) as f:
-                yield _locate(f), self._blob_reader(inst)
-            return
-        if inst.file_size > self.settings.max_transcode_size:
-            raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
-        with self.blobs.open(inst.blob_key) as f:
-            data = inflated(f)
-        yield _locate(io.BytesIO(data)), _memory_reader(data)
+                data = inflated(f)
+            return _locate(io.BytesIO(data), threshold), _memory_reader(data)
+        located = self._cache.get(inst.blob_key)
+        if located is None:
+            with self.blobs.open(inst.blob_key) as f:
+                located = _locate(f, threshold)
+            self._cache.put(inst.blob_key, located)
+        return located, self._blob_reader(inst)
 
 
-def _locate(f: BinaryIO) -> Located:
+class _Cache:
+    """A small thread-safe LRU of located values (each entry is a few hundred bytes per bulk value)."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: OrderedDict[str, Located] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Located | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: str, located: Located) -> None:
+        with self._lock:
+            self._entries[key] = located
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+def _locate(f: BinaryIO, threshold: int) -> Located:
     try:
-        return locate(f)
+        return locate(f, threshold)
     except (ValueError, OSError, EOFError) as exc:  # stored files were parsed at store time; defensive only
         raise NotAcceptable(f"The bulk data of the instance cannot be read: {exc}") from None
 
