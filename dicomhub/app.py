@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from dicomhub import __version__
-from dicomhub.api import bulkdata, delete, health, operations, partitions, qido, rendered, stow, wado
+from dicomhub.api import bulk_update, bulkdata, delete, health, operations, partitions, qido, rendered, stow, wado
 from dicomhub.api.errors import install_error_handlers
 from dicomhub.config import Settings
 from dicomhub.services import Services, build_services
@@ -24,7 +24,16 @@ log = logging.getLogger("dicomhub.http")
 
 REQUESTS = Counter("dicomhub_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("dicomhub_http_request_seconds", "HTTP request latency", ["method", "route"])
-STUDIES_ROUTERS = (stow.router, wado.router, bulkdata.router, rendered.router, qido.router, delete.router)
+# bulk update first: STOW's POST /studies/{study} would take /studies/$bulkUpdate
+STUDIES_ROUTERS = (
+    bulk_update.router,
+    stow.router,
+    wado.router,
+    bulkdata.router,
+    rendered.router,
+    qido.router,
+    delete.router,
+)
 
 
 class ObserveMiddleware:

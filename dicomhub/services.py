@@ -10,6 +10,7 @@ import pydicom.config
 from dicomhub.blobs.base import BlobStore
 from dicomhub.blobs.filesystem import FileSystemBlobStore
 from dicomhub.config import DEFAULT_PARTITION, Settings
+from dicomhub.domain.bulk_update import BulkUpdateHandler
 from dicomhub.domain.bulkdata import BulkdataService
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.decoding import DecodeLimiter
@@ -76,6 +77,7 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     decoding = DecodeLimiter(settings)
     operations = OperationService(OperationStore(index.engine))
     handlers: list[OperationHandler] = []
+    handlers.append(BulkUpdateHandler(index, blobs, settings))
     return Services(
         settings=settings,
         index=index,

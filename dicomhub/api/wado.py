@@ -107,6 +107,11 @@ def negotiate_frames(accept: str | None) -> tuple[bool, str, str]:
 SMALL_BODY = 8 * 1024 * 1024
 
 
+def wants_original(request: Request) -> bool:
+    """``msdicom-request-original: true``: the version first stored, before any bulk update (Azure's header)."""
+    return request.headers.get("msdicom-request-original", "").strip().lower() == "true"
+
+
 async def _retrieve(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
     study = check_uid(study, "StudyInstanceUID")
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
@@ -115,7 +120,7 @@ async def _retrieve(request: Request, ctx: RequestContext, study: str, series: s
     retrieve = ctx.services.retrieve
 
     def find() -> tuple[list[StoredInstance], Part | None, bytes | None]:
-        found = retrieve.instances(ctx.partition(), study, series, sop)
+        found = retrieve.instances(ctx.partition(), study, series, sop, wants_original(request))
         retrieve.check_transfer_syntax(found, syntax)
         if multipart:
             return found, None, None
@@ -189,7 +194,7 @@ async def _metadata(request: Request, ctx: RequestContext, study: str, series: s
     def read() -> tuple[str, str]:
         if uris:  # bulk values as BulkDataURI, from the stored files (opt-in; Azure leaves them out)
             return ctx.services.bulkdata.metadata(ctx.partition(), study, series, sop, ctx.base_url())
-        return retrieve.metadata(ctx.partition(), study, series, sop)
+        return retrieve.metadata(ctx.partition(), study, series, sop, wants_original(request))
 
     etag, body = await run_in_threadpool(read)
     if _etag_matches(if_none_match, etag):

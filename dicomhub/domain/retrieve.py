@@ -40,9 +40,15 @@ class RetrieveService:
         self.settings = settings
 
     def instances(
-        self, partition: Partition, study: str, series: str | None = None, sop: str | None = None
+        self,
+        partition: Partition,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        original: bool = False,
     ) -> list[StoredInstance]:
-        found = self.index.find_instances(partition.key, study, series, sop)
+        """``original``: the versions as first stored, before any bulk update (``msdicom-request-original``)."""
+        found = self.index.find_instances(partition.key, study, series, sop, original)
         if not found:
             raise ResourceNotFound.scope(series, sop)
         return found
@@ -123,13 +129,15 @@ class RetrieveService:
         return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
 
     # -- metadata -----------------------------------------------------------------------------------------------
-    def metadata(self, partition: Partition, study: str, series: str | None, sop: str | None) -> tuple[str, str]:
+    def metadata(
+        self, partition: Partition, study: str, series: str | None, sop: str | None, original: bool = False
+    ) -> tuple[str, str]:
         """(ETag, DICOM JSON array) of the scope, assembled from the per-instance JSON written at store time.
 
         The ETag is ``{max watermark}-{count}`` for a study or series and ``{watermark}`` for an instance (Azure's
         form): any store, update or delete in the scope changes it.
         """
-        documents = self.index.metadata(partition.key, study, series, sop)
+        documents = self.index.metadata(partition.key, study, series, sop, original)
         if not documents:
             raise ResourceNotFound.scope(series, sop)
         newest = max(watermark for watermark, _ in documents)

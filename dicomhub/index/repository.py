@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Select, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Select, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.changefeed import Change, append_changes
@@ -311,8 +311,19 @@ class Index:
             instance.c.frame_count,
             instance.c.frames,
         ]
+        # the original version of an updated instance (msdicom-request-original); the same row when never updated.
+        # Frame ranges are of the latest file: the original is served whole, never by frames.
+        original = {
+            "watermark": func.coalesce(instance.c.original_watermark, instance.c.watermark).label("watermark"),
+            "blob_key": func.coalesce(instance.c.original_blob_key, instance.c.blob_key).label("blob_key"),
+            "file_size": func.coalesce(instance.c.original_file_size, instance.c.file_size).label("file_size"),
+            "frames": case((instance.c.original_watermark.is_(None), instance.c.frames)).label("frames"),
+        }
+        original_columns = [original.get(c.name, c) for c in columns]
         self._find: dict[tuple[bool, bool], Select] = {}
         self._documents: dict[tuple[bool, bool], Select] = {}
+        self._find_original: dict[tuple[bool, bool], Select] = {}
+        self._documents_original: dict[tuple[bool, bool], Select] = {}
         for series_given, sop_given in ((False, False), (True, False), (True, True)):
             cond = self._scope(
                 bindparam("b_partition"),
@@ -328,6 +339,13 @@ class Index:
                 .where(cond)
                 .order_by(*order)
             )
+            self._find_original[series_given, sop_given] = select(*original_columns).where(cond).order_by(*order)
+            self._documents_original[series_given, sop_given] = (
+                select(original["watermark"], instance_metadata.c.json)
+                .join(instance_metadata, instance_metadata.c.watermark == original["watermark"])
+                .where(cond)
+                .order_by(*order)
+            )
 
     def _read_scope(self, statements, partition_key: int, study_uid: str, series_uid: str | None, sop_uid: str | None):
         params = {"b_partition": partition_key, "b_study": study_uid, "b_series": series_uid, "b_sop": sop_uid}
@@ -335,16 +353,29 @@ class Index:
             return conn.execute(statements[series_uid is not None, sop_uid is not None], params).all()
 
     def find_instances(
-        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        partition_key: int,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        original: bool = False,
     ) -> list[StoredInstance]:
-        rows = self._read_scope(self._find, partition_key, study_uid, series_uid, sop_uid)
+        """The instances in scope; ``original``: their versions as first stored (before any bulk update)."""
+        statements = self._find_original if original else self._find
+        rows = self._read_scope(statements, partition_key, study_uid, series_uid, sop_uid)
         return [StoredInstance(*row) for row in rows]
 
     def metadata(
-        self, partition_key: int, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        partition_key: int,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        original: bool = False,
     ) -> list[tuple[int, str]]:
-        """(watermark, DICOM JSON) of every instance in the scope."""
-        rows = self._read_scope(self._documents, partition_key, study_uid, series_uid, sop_uid)
+        """(watermark, DICOM JSON) of every instance in the scope (``original``: of the versions first stored)."""
+        statements = self._documents_original if original else self._documents
+        rows = self._read_scope(statements, partition_key, study_uid, series_uid, sop_uid)
         return [(r.watermark, r.json) for r in rows]
 
     # -- delete -------------------------------------------------------------------------------------------------
@@ -372,18 +403,24 @@ class Index:
                     instance.c.study_uid,
                     instance.c.series_uid,
                     instance.c.sop_uid,
+                    instance.c.original_watermark,
+                    instance.c.original_blob_key,
                 ).where(self._scope(partition_key, study_uid, series_uid, sop_uid))
             ).all()
             if not victims:
                 return 0
             watermarks = [v.watermark for v in victims]
+            # an updated instance goes with its original version (metadata and file) too
+            originals = [v.original_watermark for v in victims if v.original_watermark is not None]
             for chunk in _chunks(watermarks, 500):
-                conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
                 conn.execute(delete(instance).where(instance.c.watermark.in_(chunk)))
+            for chunk in _chunks(watermarks + originals, 500):
+                conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
             now = _now()
+            keys = [v.blob_key for v in victims] + [v.original_blob_key for v in victims if v.original_blob_key]
             conn.execute(
                 insert(blob_cleanup),
-                [{"blob_key": v.blob_key, "delete_after": now + delete_after, "attempts": 0} for v in victims],
+                [{"blob_key": key, "delete_after": now + delete_after, "attempts": 0} for key in keys],
             )
             for series_key in {v.series_key for v in victims}:
                 self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key, reindex)

@@ -110,6 +110,12 @@ instance = Table(
     Column("file_size", BigInteger),
     Column("frame_count", Integer),
     Column("frames", Text),
+    # bulk update: the version as first stored (kept while the row points at the latest) and the operation that
+    # wrote the latest (a re-run task skips instances it already updated)
+    Column("original_watermark", Key),
+    Column("original_blob_key", String(512)),
+    Column("original_file_size", BigInteger),
+    Column("updated_by", String(32)),
     UniqueConstraint("partition_key", "study_uid", "series_uid", "sop_uid"),
     Index(None, "study_key", "watermark"),
     Index(None, "series_key", "watermark"),
