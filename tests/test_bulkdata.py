@@ -213,6 +213,17 @@ def test_every_bulkdata_uri_resolves_to_the_element_bytes(http, data, which):
             assert base64.b64decode(element["InlineBinary"]) == raw_value(inst.ds, path)
 
 
+@pytest.mark.parametrize("which", ["rich", "implicit", "big_endian", "rle"])
+def test_top_level_pixel_data_as_a_bulkdata_path(http, data, which):
+    """The element value as stored: native bytes, or the encapsulated items (offset table and fragments)."""
+    inst: Stored = getattr(data, which)
+    response = http.get(f"{inst.path()}/bulkdata/7FE00010", headers=OCTET)
+    assert response.status_code == 200
+    assert response.content == inst.ds.PixelData
+    tail = http.get(f"{inst.path()}/bulkdata/7fe00010", headers={**OCTET, "Range": "bytes=-100"})
+    assert (tail.status_code, tail.content) == (206, inst.ds.PixelData[-100:])
+
+
 def test_bulkdata_multipart_is_the_default(http, data):
     uri = f"{data.rich.path()}/bulkdata/00111001"
     expected = bytes(range(256)) * 8
@@ -329,6 +340,9 @@ def test_encapsulated_pixeldata_one_part_per_frame(server, http, data):
     raw = response.content.decode("latin-1")
     url = absolute(server, data.rle.path())
     assert f"Content-Location: {url}/frames/1\r\n" in raw and f"Content-Location: {url}/frames/2\r\n" in raw
+    ranged = http.get(f"{data.rle.path()}/pixeldata", headers={**MULTI_OCTET, "Range": "bytes=0-9"})
+    assert ranged.status_code == 200  # a range over several values is ignored
+    assert [p.data for p in parse_multipart(ranged)] == expected
     single = http.get(f"{data.rle.path()}/pixeldata", headers=OCTET)
     assert single.status_code == 406
     assert "2 values: multipart only" in single.text

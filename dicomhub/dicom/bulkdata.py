@@ -150,9 +150,12 @@ class _Reader:
             vr = dictionary_VR(tag)
         except KeyError:
             vr = "UN"
-        if vr == "SQ" or elem.value is None:
-            return "OW" if "OW" in vr else vr.split(" or ")[0]
-        return ds[tag].VR  # converts a small value; ``elem`` keeps its raw offset
+        if vr != "SQ" and elem.value is not None:
+            try:
+                return ds[tag].VR  # converts a small value; ``elem`` keeps its raw offset
+            except Exception:  # a value pydicom cannot convert: the dictionary's VR will do
+                pass
+        return "OW" if "OW" in vr else vr.split(" or ")[0]
 
     def _items(self, elem: Any) -> list[Dataset]:
         """Items of a sequence, read from the file itself so that their elements' offsets are file offsets

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFou
 from dicomhub.domain.retrieve import ORIGINAL, RetrieveService
 from dicomhub.index.records import Partition, StoredInstance
 
+log = logging.getLogger(__name__)
 NO_PIXEL_DATA = "The specified instance has no pixel data."
 CACHE_ENTRIES = 20_000  # located files kept per process: repeated metadata of a study skips parsing its files
 Segment = tuple[int, int]  # (offset, length) in a value's source
@@ -94,8 +96,9 @@ class BulkdataService:
                 continue  # deleted between the two reads
             try:
                 located, _ = self._located(inst)
-            except FileNotFoundError:
-                continue  # deleted since: its JSON is still consistent, only without bulk data
+            except (FileNotFoundError, NotAcceptable) as exc:  # deleted since, or unreadable: JSON without bulk data
+                log.warning("bulk data left out of metadata", extra={"sop_uid": inst.sop_uid, "reason": str(exc)})
+                continue
             url = instance_url(base_url, inst)
             add_bulkdata(
                 document, located, lambda path, url=url: f"{url}/bulkdata/{format_path(path)}", f"{url}/pixeldata"
@@ -199,7 +202,7 @@ class _Cache:
 def _locate(f: BinaryIO, threshold: int) -> Located:
     try:
         return locate(f, threshold)
-    except (ValueError, OSError, EOFError) as exc:  # stored files were parsed at store time; defensive only
+    except Exception as exc:  # whatever stops the parser; stored files were parsed at store time, so defensive only
         raise NotAcceptable(f"The bulk data of the instance cannot be read: {exc}") from None
 
 
