@@ -147,7 +147,8 @@ async def _render(
         viewport = Viewport(size, size)
 
     def work() -> Response:
-        inst = service.locate(ctx.partition(), study, series, sop)
+        partition = ctx.partition()
+        inst = service.locate(partition, study, series, sop)
         headers = {"Cache-Control": CACHE_CONTROL, "Vary": "Accept"}
         document = document_type(inst) if frame is None and not thumbnail else None
         if document is not None and (requested in (None, "*/*") or requested == document):
@@ -162,10 +163,7 @@ async def _render(
         headers["ETag"] = service.etag(inst, frame, options, thumbnail)
         if _not_modified(if_none_match, headers["ETag"]):
             return Response(status_code=304, headers=headers)
-        if thumbnail:
-            body = service.thumbnail(ctx.partition(), inst, frame, options)
-        else:
-            body = service.image(inst, frame, options)
+        body = service.thumbnail(partition, inst, frame, options) if thumbnail else service.image(inst, frame, options)
         return Response(body, media_type=options.media_type, headers=headers)
 
     return await run_in_threadpool(work)

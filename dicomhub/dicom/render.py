@@ -2,8 +2,8 @@
 window, MONOCHROME1 inversion) and colour conversion (YBR to RGB, palette) to 8-bit samples, then scaling and
 JPEG/PNG/GIF encoding. Encapsulated documents and video are located here but never decoded.
 
-Everything works on one frame at a time: a frame is decoded from the open file with ``pixel_array(f, index=...)``,
-which reads only that frame's bytes.
+Everything works on one frame at a time: a frame is decoded from the open file by pydicom's decoder, which reads only
+that frame's bytes.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
     apply_voi,
-    apply_windowing,
+    as_pixel_options,
     convert_color_space,
-    iter_pixels,
-    pixel_array,
+    get_decoder,
 )
+from pydicom.uid import UID
 
 JPEG = "image/jpeg"
 PNG = "image/png"
@@ -52,8 +52,6 @@ VIDEO = {
     **{f"1.2.840.10008.1.2.4.{n}": "video/mp4" for n in range(102, 109)},
     **{f"1.2.840.10008.1.2.4.{n}.1": "video/mp4" for n in range(102, 107)},
 }
-# What pydicom's decoders hand back (raw=False) for these photometric interpretations: RGB samples.
-DECODED_AS_RGB = {"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 WINDOW_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
@@ -93,43 +91,82 @@ class RenderOptions:
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
-def read_header(f: BinaryIO) -> Dataset:
-    """The dataset without its pixel data; ``f`` is left at the pixel data element."""
-    return pydicom.dcmread(f, stop_before_pixels=True)
+PIXEL_KEYWORDS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+FUNCTIONAL_GROUPS = (
+    ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
 
 
-def frame_pixels(f: BinaryIO, header: Dataset, index: int) -> np.ndarray:
-    """Frame ``index`` (0-based) of the file, decoded on its own. A deflated file cannot be read in place, so it is
-    inflated whole first (it is small: deflate is only used for small datasets)."""
-    if str(header.file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
-        f.seek(0)
-        return pixel_array(pydicom.dcmread(f), index=index)
-    f.seek(0)
-    return pixel_array(f, index=index)
+@dataclass
+class Frame:
+    pixels: np.ndarray
+    photometric: str  # as decoded: YBR data comes out of pydicom's decoders as RGB
+    attributes: Dataset  # what the grayscale pipeline reads, functional groups included
 
 
-def all_frames(f: BinaryIO, header: Dataset) -> Iterator[np.ndarray]:
-    """Every frame in turn, one decoded at a time."""
-    f.seek(0)
-    if str(header.file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
-        yield from iter_pixels(pydicom.dcmread(f))
-    else:
-        yield from iter_pixels(f)
+class PixelSource:
+    """An open DICOM file read up to its pixel data; frames are decoded from the file one at a time, by pydicom's
+    decoder for the transfer syntax, reading only the frame's bytes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.header = pydicom.dcmread(f, stop_before_pixels=True)
+        self._pixel_offset = f.tell()  # the pixel data element's tag
+        self.transfer_syntax = UID(self.header.file_meta.get("TransferSyntaxUID", ""))
+
+    def frame(self, index: int) -> Frame:
+        """Frame ``index`` (0-based)."""
+        src, options = self._decoder_input()
+        pixels, properties = get_decoder(self.transfer_syntax).as_array(src, index=index, **options)
+        return self._frame(index, pixels, properties)
+
+    def frames(self) -> Iterator[Frame]:
+        """Every frame in turn, one decoded at a time."""
+        src, options = self._decoder_input()
+        for index, (pixels, properties) in enumerate(get_decoder(self.transfer_syntax).iter_array(src, **options)):
+            yield self._frame(index, pixels, properties)
+
+    def _decoder_input(self) -> tuple[BinaryIO | Dataset, dict]:
+        """The file positioned at the pixel data value, and the decoding options from the header. A deflated file
+        cannot be read in place: it is inflated whole (deflate is only used for small datasets)."""
+        if self.transfer_syntax == DEFLATED:
+            self.f.seek(0)
+            return pydicom.dcmread(self.f), {}
+        self.f.seek(self._pixel_offset)
+        head = self.f.read(8)
+        group, element = struct.unpack("<HH" if self.transfer_syntax.is_little_endian else ">HH", head[:4])
+        keyword = PIXEL_KEYWORDS.get(group << 16 | element) if len(head) == 8 else None
+        if keyword is None:
+            raise RenderError("The instance has no pixel data.")
+        options = as_pixel_options(self.header, transfer_syntax_uid=self.transfer_syntax, pixel_keyword=keyword)
+        if not self.transfer_syntax.is_implicit_VR:
+            options["pixel_vr"] = head[4:6].decode("ascii")
+            self.f.read(4)  # reserved bytes, then the 32-bit length already past: the value starts here
+        return self.f, options
+
+    def _frame(self, index: int, pixels: np.ndarray, properties: dict) -> Frame:
+        photometric = str(properties.get("photometric_interpretation") or self.header.get("PhotometricInterpretation"))
+        return Frame(pixels, photometric.strip().upper(), frame_attributes(self.header, index))
 
 
 def frame_attributes(header: Dataset, index: int) -> Dataset:
-    """The header with the frame's functional groups (PS3.3 C.7.6.16) flattened in: rescale and VOI window of
-    enhanced multi-frame objects live there rather than at the top level."""
+    """The header, with the frame's functional groups (PS3.3 C.7.6.16) flattened in when it has some: rescale and
+    VOI window of enhanced multi-frame objects live there rather than at the top level."""
+    groups = [header.get("SharedFunctionalGroupsSequence")]
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and index < len(per_frame):
+        groups.append([per_frame[index]])
+    items = [group[0] for group in groups if group]
+    if not items:
+        return header
     flat = Dataset()
     flat.file_meta = header.file_meta  # LUT Data in OW is read in the file's byte order
     for keyword in (
-        "PhotometricInterpretation",
         "BitsStored",
-        "BitsAllocated",
         "PixelRepresentation",
         "RescaleSlope",
         "RescaleIntercept",
-        "RescaleType",
         "ModalityLUTSequence",
         "WindowCenter",
         "WindowWidth",
@@ -139,44 +176,33 @@ def frame_attributes(header: Dataset, index: int) -> Dataset:
     ):
         if keyword in header:
             setattr(flat, keyword, header[keyword].value)
-    groups = [header.get("SharedFunctionalGroupsSequence")]
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame):
-        groups.append([per_frame[index]])
-    for group in groups:
-        if not group:
-            continue
-        item = group[0]
-        for sequence, keywords in (
-            ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
-            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
-        ):
+    for item in items:
+        for sequence, keywords in FUNCTIONAL_GROUPS:
             values = item.get(sequence)
-            if values:
-                for keyword in keywords:
-                    if keyword in values[0]:
-                        setattr(flat, keyword, values[0][keyword].value)
+            for keyword in keywords if values else ():
+                if keyword in values[0]:
+                    setattr(flat, keyword, values[0][keyword].value)
     return flat
 
 
 # -- the display pipeline --------------------------------------------------------------------------------------------
-def to_display(arr: np.ndarray, header: Dataset, attributes: Dataset, window: Window | None) -> np.ndarray:
+def to_display(frame: Frame, header: Dataset, window: Window | None) -> np.ndarray:
     """One decoded frame as 8-bit samples: (rows, columns) grayscale or (rows, columns, 3) RGB."""
-    photometric = str(attributes.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    arr, photometric = frame.pixels, frame.photometric
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        return _grayscale(arr, attributes, photometric, window)
+        return _grayscale(arr, frame.attributes, photometric, window)
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, header)
         bits = int(header.RedPaletteColorLookupTableDescriptor[2])
         return _to_8bit(rgb, 16 if bits > 8 else 8)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise RenderError(f"Unsupported pixel layout {arr.shape} for '{photometric}'.")
-    bits = int(attributes.get("BitsStored", 8) or 8)
-    if photometric in DECODED_AS_RGB or photometric == "RGB":
-        return _to_8bit(arr, bits)
-    if photometric == "YBR_PARTIAL_422":
-        return _to_8bit(convert_color_space(arr, "YBR_PARTIAL_422", "RGB"), bits)
-    raise RenderError(f"Unsupported photometric interpretation '{photometric}'.")
+    bits = int(header.get("BitsStored", 8) or 8)
+    if photometric in ("YBR_FULL", "YBR_FULL_422"):
+        arr = convert_color_space(arr, photometric, "RGB")
+    elif photometric not in ("RGB", "YBR_ICT", "YBR_RCT"):  # J2K decoders undo the ICT/RCT themselves
+        raise RenderError(f"Unsupported photometric interpretation '{photometric}'.")
+    return _to_8bit(arr, bits)
 
 
 def _to_8bit(arr: np.ndarray, bits: int) -> np.ndarray:
@@ -188,12 +214,31 @@ def _to_8bit(arr: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _grayscale(arr: np.ndarray, attributes: Dataset, photometric: str, window: Window | None) -> np.ndarray:
+    """PS3.4 grayscale pipeline to 8 bits. Integer pixels go through it once per value between their minimum and
+    maximum, then each pixel is looked up (far fewer values than pixels for most images)."""
     if arr.ndim != 2:
         raise RenderError(f"Unsupported pixel layout {arr.shape} for '{photometric}'.")
-    values = apply_modality_lut(arr, attributes) if _has_modality_lut(attributes) else arr
-    values = np.asarray(values, dtype=np.float64)
     if window is None and "WindowCenter" in attributes and "WindowWidth" in attributes:
         window = _file_window(attributes)
+    invert = photometric == "MONOCHROME1" or str(attributes.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if arr.dtype.kind in "iu":
+        low, high = int(arr.min()), int(arr.max())
+        if high - low < arr.size:
+            offsets = arr if low == 0 and arr.dtype.kind == "u" else np.subtract(arr, low, dtype=np.int64)
+            present = None
+            if window is None and attributes.get("ModalityLUTSequence") and not attributes.get("VOILUTSequence"):
+                present = np.unique(offsets)  # a LUT need not be monotonic: min/max over the values present only
+            lut = _gray_values(np.arange(low, high + 1), attributes, window, invert, present)
+            return lut[offsets]
+    return _gray_values(arr, attributes, window, invert, None)
+
+
+def _gray_values(
+    values: np.ndarray, attributes: Dataset, window: Window | None, invert: bool, present: np.ndarray | None
+) -> np.ndarray:
+    """Modality LUT, then the window, else the VOI LUT, else the min/max of the values; inverted for MONOCHROME1."""
+    values = apply_modality_lut(values, attributes) if _has_modality_lut(attributes) else values
+    values = np.asarray(values, dtype=np.float64)
     if window is not None:
         out = _windowed(values, window)
     elif attributes.get("VOILUTSequence"):
@@ -201,11 +246,11 @@ def _grayscale(arr: np.ndarray, attributes: Dataset, photometric: str, window: W
         inputs = np.rint(np.clip(values, first, first + (entries or 65536) - 1))
         out = apply_voi(inputs, attributes).astype(np.float64) * (255.0 / (2**lut_bits - 1))
     else:
-        low, high = float(values.min()), float(values.max())
+        seen = values if present is None else values[present]
+        low, high = float(seen.min()), float(seen.max())
         out = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    inverse = str(attributes.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    return 255 - out if photometric == "MONOCHROME1" or inverse else out
+    return 255 - out if invert else out
 
 
 def _has_modality_lut(attributes: Dataset) -> bool:
@@ -226,15 +271,16 @@ def _file_window(attributes: Dataset) -> Window | None:
 
 
 def _windowed(values: np.ndarray, window: Window) -> np.ndarray:
-    """PS3.3 C.11.2.1.2 windowing to 0..255 with pydicom's implementation: an 8-bit unsigned output range."""
-    output = Dataset()
-    output.PhotometricInterpretation = "MONOCHROME2"
-    output.BitsStored = 8
-    output.PixelRepresentation = 0
-    output.WindowCenter = window.center
-    output.WindowWidth = window.width
-    output.VOILUTFunction = window.function
-    return apply_windowing(values, output)
+    """PS3.3 C.11.2.1.2 / C.11.2.1.3 windowing to 0..255 (pydicom's apply_windowing ties its output range to a
+    dataset's bit depth; here it is always 8 bits, and values are often a whole lookup table)."""
+    center, width = window.center, window.width
+    if window.function == "SIGMOID":
+        return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if window.function == "LINEAR":
+        center, width = center - 0.5, width - 1
+    if width <= 0:  # LINEAR with a width of 1: a threshold at the center
+        return np.where(values > center, 255.0, 0.0)
+    return np.clip(((values - center) / width + 0.5) * 255.0, 0.0, 255.0)
 
 
 # -- images ----------------------------------------------------------------------------------------------------------
@@ -251,7 +297,7 @@ def to_image(pixels: np.ndarray, viewport: Viewport | None, enlarge: bool = True
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if size == image.size:
         return image
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)  # as Image.thumbnail: fast, no aliasing
 
 
 def _region(pixels: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
@@ -318,9 +364,7 @@ def document_range(f: BinaryIO) -> tuple[int, int] | None:
 
 def video_fragments(f: BinaryIO) -> list[tuple[int, int]]:
     """(offset, length) of each fragment of encapsulated pixel data: the video stream, split in fragments."""
-    header = read_header(f)
-    if str(header.file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
-        raise RenderError("Video in a deflated file is not supported.")
+    pydicom.dcmread(f, stop_before_pixels=True)  # leaves f at the pixel data element
     head = f.read(12)  # tag, VR, reserved, undefined length: encapsulated data is explicit VR little endian
     if len(head) < 12 or struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010) or head[8:12] != b"\xff\xff\xff\xff":
         raise RenderError("The pixel data is not encapsulated.")

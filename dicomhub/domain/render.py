@@ -24,6 +24,9 @@ from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
 
+from PIL import Image
+from pydicom.dataset import Dataset
+
 from dicomhub.blobs.base import BlobStore
 from dicomhub.dicom import render
 from dicomhub.dicom.render import DOCUMENTS, GIF, VIDEO, RenderError, RenderOptions
@@ -155,30 +158,23 @@ class RenderService:
         every_frame = frame is None and options.media_type == GIF
         with self.blobs.open(inst.blob_key) as f:
             try:
-                header = render.read_header(f)
+                source = render.PixelSource(f)
             except Exception as exc:
                 raise self._failed(inst, exc) from exc
-            self.limiter.check_pixels(header, frames=None if every_frame else 1)
+            self.limiter.check_pixels(source.header, frames=None if every_frame else 1)
             with self.limiter.slot():
                 try:
                     if every_frame:
-                        images = [
-                            self._display(pixels, header, i, options)
-                            for i, pixels in enumerate(render.all_frames(f, header))
-                        ]
-                        return render.encode(images, GIF, options.quality, render.frame_time_ms(header))
-                    index = (frame or 1) - 1
-                    pixels = render.frame_pixels(f, header, index)
-                    return render.encode(
-                        [self._display(pixels, header, index, options)], options.media_type, options.quality
-                    )
+                        images = [self._image(each, source.header, options) for each in source.frames()]
+                        return render.encode(images, GIF, options.quality, render.frame_time_ms(source.header))
+                    image = self._image(source.frame((frame or 1) - 1), source.header, options)
+                    return render.encode([image], options.media_type, options.quality)
                 except Exception as exc:
                     raise self._failed(inst, exc) from exc
 
     @staticmethod
-    def _display(pixels, header, index: int, options: RenderOptions):
-        display = render.to_display(pixels, header, render.frame_attributes(header, index), options.window)
-        return render.to_image(display, options.viewport, options.enlarge)
+    def _image(frame: render.Frame, header: Dataset, options: RenderOptions) -> Image.Image:
+        return render.to_image(render.to_display(frame, header, options.window), options.viewport, options.enlarge)
 
     @staticmethod
     def _failed(inst: StoredInstance, exc: Exception) -> NotAcceptable:
