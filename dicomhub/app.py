@@ -15,7 +15,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from dicomhub import __version__
-from dicomhub.api import bulk_update, bulkdata, delete, health, operations, partitions, qido, rendered, stow, wado
+from dicomhub.api import (
+    bulk_update,
+    bulkdata,
+    changefeed,
+    delete,
+    extended_tags,
+    health,
+    operations,
+    partitions,
+    qido,
+    rendered,
+    stow,
+    wado,
+)
 from dicomhub.api.errors import install_error_handlers
 from dicomhub.config import Settings
 from dicomhub.services import Services, build_services
@@ -114,7 +127,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.include_router(router, prefix="/v{version}")
         app.include_router(router, prefix="/v{version}/partitions/{partition_name}", include_in_schema=False)
     app.include_router(partitions.router)
+    app.include_router(changefeed.router, prefix="/v{version}")  # cross-partition: no partition route
     app.include_router(operations.router)
+    app.include_router(extended_tags.router)  # global: no partition route
     app.include_router(health.router)
 
     app.add_middleware(ObserveMiddleware)
