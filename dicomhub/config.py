@@ -64,6 +64,10 @@ class Settings(BaseSettings):
         120.0, description="How long a worker holds an operation task before another may take it over."
     )
     operation_poll_seconds: float = Field(1.0, description="How often an idle operation worker looks for work.")
+    max_extended_query_tags: int = Field(128, description="Most extended query tags that may exist at once.")
+    reindex_batch_size: int = Field(
+        1000, description="Instance watermarks per re-index task (the unit a crashed worker redoes)."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Write logs as JSON lines.")
 

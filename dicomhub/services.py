@@ -15,12 +15,14 @@ from dicomhub.domain.bulkdata import BulkdataService
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
+from dicomhub.domain.extended_tags import ExtendedTagService, ReindexHandler
 from dicomhub.domain.operations import OperationHandler, OperationService, OperationWorker
 from dicomhub.domain.query import QueryService
 from dicomhub.domain.render import RenderService, ThumbnailCache
 from dicomhub.domain.retrieve import RetrieveService
 from dicomhub.domain.store import StoreService
 from dicomhub.index.engine import make_engine, migrate
+from dicomhub.index.extended_tags import ExtendedTagStore
 from dicomhub.index.operations import OperationStore
 from dicomhub.index.repository import Index
 
@@ -52,6 +54,10 @@ class Services:
         """Built on first use from the retrieve service it reads through."""
         return BulkdataService(self.blobs, self.retrieve, self.settings)
 
+    @cached_property
+    def extended_tags(self) -> ExtendedTagService:
+        return ExtendedTagService(ExtendedTagStore(self.index.engine), self.operations, self.settings)
+
     def operation_worker(self) -> OperationWorker:
         return OperationWorker(self.operations.store, self.operation_handlers, self.settings)
 
@@ -76,7 +82,7 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
     decoding = DecodeLimiter(settings)
     operations = OperationService(OperationStore(index.engine))
-    handlers: list[OperationHandler] = []
+    handlers: list[OperationHandler] = [ReindexHandler(ExtendedTagStore(index.engine), settings)]
     handlers.append(BulkUpdateHandler(index, blobs, settings))
     return Services(
         settings=settings,

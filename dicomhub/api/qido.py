@@ -12,7 +12,7 @@ from dicomhub.api.responses import json_response
 from dicomhub.dicom.tags import parse_attribute_id
 from dicomhub.domain.attributes import SERIES_UID, STUDY_UID
 from dicomhub.domain.errors import InvalidRequest
-from dicomhub.domain.query import parse_search
+from dicomhub.domain.query import SearchRequest, parse_search
 
 router = APIRouter(tags=["QIDO-RS"])
 
@@ -34,11 +34,18 @@ async def _search(
     for name, _ in params:
         if parse_attribute_id(name) in in_path:
             raise InvalidRequest(f"Invalid query: AttributeId '{name}' is already specified in the path.")
-    search = parse_search(params, resource, ctx.api_version, study, series)
-    results = await run_in_threadpool(lambda: ctx.services.query.search(ctx.partition(), search))
+    lookup = ctx.services.extended_tags.lookup
+
+    def run() -> tuple[SearchRequest, list]:  # in a worker thread: an extended tag is looked up in the index
+        search = parse_search(params, resource, ctx.api_version, study, series, lookup)
+        return search, ctx.services.query.search(ctx.partition(), search)
+
+    search, results = await run_in_threadpool(run)
+    # Azure's header when a query uses extended tags whose index has errors (query re-enabled by hand)
+    headers = {"erroneous-dicom-attributes": ",".join(search.erroneous)} if search.erroneous else None
     if not results:
-        return Response(status_code=204)
-    return json_response(request, results)
+        return Response(status_code=204, headers=headers)
+    return json_response(request, results, headers=headers)
 
 
 @router.get("/studies", summary="Search for studies")

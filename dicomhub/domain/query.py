@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,12 +27,16 @@ from dicomhub.domain.attributes import (
     SOP_UID,
     STUDY,
     STUDY_UID,
+    IndexedAttribute,
     fold_value,
 )
 from dicomhub.domain.errors import InvalidRequest
+from dicomhub.domain.extended_tags import attribute_of, normalize_datetime, normalize_time, single_precision
 from dicomhub.index import qido
-from dicomhub.index.records import Partition, QidoQuery, QueryFilter
+from dicomhub.index.extended_tags import ExtendedTag
+from dicomhub.index.records import ExtendedColumn, Partition, QidoQuery, QueryFilter
 from dicomhub.index.repository import Index
+from dicomhub.index.schema import EXTENDED_READY
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 100
@@ -145,6 +150,7 @@ class SearchRequest:
     include_all: bool = False
     limit: int = DEFAULT_LIMIT
     offset: int = 0
+    erroneous: list[str] = field(default_factory=list)  # extended tags queried although their index has errors
 
 
 def _invalid(name: str, detail: str) -> InvalidRequest:
@@ -157,14 +163,18 @@ def parse_search(
     api_version: int,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    extended: Callable[[int], ExtendedTag | None] | None = None,
 ) -> SearchRequest:
-    """Turns query parameters (in order, repeats kept) into a :class:`SearchRequest`; raises InvalidRequest."""
+    """Turns query parameters (in order, repeats kept) into a :class:`SearchRequest`; raises InvalidRequest.
+
+    ``extended`` looks up the extended query tag of an attribute outside the core table.
+    """
     _, filter_levels, _ = RESOURCES[resource]
     request = SearchRequest(resource, api_version)
     fuzzy = False
     seen_names: set[str] = set()
     seen_tags: set[int] = set()
-    raw_filters: list[tuple[int, str, str]] = []
+    raw_filters: list[tuple[IndexedAttribute, str, str, ExtendedColumn | None]] = []
     seen_controls: set[str] = set()
     for name, value in params:
         lower = name.lower()
@@ -196,15 +206,18 @@ def parse_search(
         if tag in seen_tags:
             raise InvalidRequest(f"Invalid query: AttributeId '{name}' is specified more than once.")
         seen_tags.add(tag)
-        attribute = BY_TAG.get(tag)
+        attribute, column = BY_TAG.get(tag), None
+        if attribute is None and extended is not None:
+            attribute, column = _extended_attribute(extended(tag), name, request)
         if attribute is None or attribute.level not in filter_levels:
             raise InvalidRequest(f"Invalid query: AttributeId {name} is not queryable. ")
         if not value.strip():
             raise _empty(name)
-        raw_filters.append((tag, name, value))
-    for tag, name, value in raw_filters:
-        request.filters.append(_filter(tag, name, value, fuzzy))
-        request.filter_tags.append(tag)
+        raw_filters.append((attribute, name, value, column))
+    for attribute, name, value, column in raw_filters:
+        condition = _filter(attribute, name, value, fuzzy)
+        request.filters.append(replace(condition, extended=column) if column else condition)
+        request.filter_tags.append(attribute.tag)
     if study_uid is not None:
         request.filters.append(QueryFilter(STUDY_UID, "exact", (normalize_uid(study_uid),)))
         request.filter_tags.append(STUDY_UID)
@@ -212,6 +225,19 @@ def parse_search(
         request.filters.append(QueryFilter(SERIES_UID, "exact", (normalize_uid(series_uid),)))
         request.filter_tags.append(SERIES_UID)
     return request
+
+
+def _extended_attribute(
+    tag: ExtendedTag | None, name: str, request: SearchRequest
+) -> tuple[IndexedAttribute | None, ExtendedColumn | None]:
+    """A ready extended tag as a query attribute (tags still being added are not queryable)."""
+    if tag is None or tag.status != EXTENDED_READY:
+        return None, None
+    if not tag.query_enabled:
+        raise InvalidRequest(f"Query is disabled on specified attribute '{name}'.")
+    if tag.error_count:
+        request.erroneous.append(tag.path)
+    return attribute_of(tag), ExtendedColumn(tag.key, tag.level, tag.kind)
 
 
 def _empty(name: str) -> InvalidRequest:
@@ -242,8 +268,8 @@ def _parse_includefield(request: SearchRequest, value: str) -> None:
         raise _invalid("includefield", "The query cannot specify included fields in addition to 'all'.")
 
 
-def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
-    attribute = BY_TAG[tag]
+def _filter(attribute: IndexedAttribute, name: str, value: str, fuzzy: bool) -> QueryFilter:
+    tag = attribute.tag
     value = value.rstrip("\0")
     if attribute.vr == "UI":
         uids = [normalize_uid(v) for v in re.split(r"[,\\]", value) if v.strip()]
@@ -254,22 +280,13 @@ def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
                 raise InvalidRequest(f"Invalid query: the {name} '{uid}' is invalid. {INVALID_UID_MESSAGE}")
         return QueryFilter(tag, "list", tuple(uids)) if len(uids) > 1 else QueryFilter(tag, "exact", (uids[0],))
     if attribute.vr == "DA":
-        if "-" in value:
-            low, _, high = value.partition("-")
-            low, high = low.strip(), high.strip()
-            if not low and not high:
-                raise InvalidRequest(f"Invalid query: Both parts in the range cannot be empty for attribute '{name}'.")
-            for part in (p for p in (low, high) if p):
-                _check_date(part, name)
-            if low and high and low > high:
-                raise InvalidRequest(
-                    f"Invalid query: The start of the range '{low}' is after its end '{high}' for attribute '{name}'."
-                )
-            return QueryFilter(tag, "range", low=low, high=high)
-        _check_date(value, name)
-        return QueryFilter(tag, "exact", (value,))
+        return _range_filter(tag, name, value, _check_date)
     if attribute.vr not in ("DA", "UI") and "*" in value and not value.strip("* "):
         return QueryFilter(tag, "universal")  # PS3.4 C.2.2.2.4: a lone '*' matches every value, empty ones too
+    if attribute.vr in ("DT", "TM"):
+        return _range_filter(tag, name, value, _time_parser(attribute.vr))
+    if attribute.vr in _NUMERIC_VRS:
+        return QueryFilter(tag, "exact", (_number(attribute.vr, name, value),))
     if tag == MODALITIES_IN_STUDY:
         values = [v.strip().upper() for v in re.split(r"[,\\]", value) if v.strip()]
         if not values:
@@ -285,11 +302,61 @@ def _filter(tag: int, name: str, value: str, fuzzy: bool) -> QueryFilter:
     return _string_filter(tag, fold_value(attribute, value))
 
 
+def _range_filter(tag: int, name: str, value: str, parse: Callable[[str, str], str]) -> QueryFilter:
+    """DA, DT and TM: an exact value or an inclusive range ``low-high`` (either end may be left open)."""
+    if "-" not in value:
+        return QueryFilter(tag, "exact", (parse(value, name),))
+    low, _, high = value.partition("-")
+    low, high = low.strip(), high.strip()
+    if not low and not high:
+        raise InvalidRequest(f"Invalid query: Both parts in the range cannot be empty for attribute '{name}'.")
+    low, high = (parse(low, name) if low else ""), (parse(high, name) if high else "")
+    if low and high and low > high:
+        raise InvalidRequest(
+            f"Invalid query: The start of the range '{low}' is after its end '{high}' for attribute '{name}'."
+        )
+    return QueryFilter(tag, "range", low=low, high=high)
+
+
+def _time_parser(vr: str) -> Callable[[str, str], str]:
+    """DT/TM query values in the form they are indexed in (see domain/extended_tags.py)."""
+
+    def parse(value: str, name: str) -> str:
+        if vr == "DT" and "+" in value:
+            raise InvalidRequest(
+                f"Invalid query: specified DateTime value '{value}' of attribute '{name}' contains offset which is "
+                "not supported."
+            )
+        normalized = normalize_datetime(value) if vr == "DT" else normalize_time(value)
+        if normalized is None:
+            formats = "yyyy[MM[dd[HH[mm[ss[.FFFFFF]]]]]]" if vr == "DT" else "HH[mm[ss[.FFFFFF]]]"
+            raise InvalidRequest(
+                f"Invalid query: specified {'DateTime' if vr == 'DT' else 'Time'} value '{value}' is invalid for "
+                f"attribute '{name}'. It should be formatted as {formats}."
+            )
+        return normalized
+
+    return parse
+
+
+_NUMERIC_VRS = {"IS": int, "SL": int, "SS": int, "UL": int, "US": int, "FL": float, "FD": float}
+
+
+def _number(vr: str, name: str, value: str) -> str:
+    try:
+        number = _NUMERIC_VRS[vr](value.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid query: specified value '{value}' is not a valid {vr} value for '{name}'."
+        ) from None
+    return repr(single_precision(number) if vr == "FL" else number)
+
+
 def _string_filter(tag: int, folded: str) -> QueryFilter:
     return QueryFilter(tag, "wildcard" if ("*" in folded or "?" in folded) else "exact", (folded,))
 
 
-def _check_date(value: str, name: str) -> None:
+def _check_date(value: str, name: str) -> str:
     try:
         if not _DATE.fullmatch(value):
             raise ValueError
@@ -299,6 +366,7 @@ def _check_date(value: str, name: str) -> None:
             f"Invalid query: specified Date value '{value}' is invalid for attribute '{name}'. "
             "Date should be valid and formatted as yyyyMMdd."
         ) from None
+    return value
 
 
 class QueryService:

@@ -46,6 +46,7 @@ from dicomhub.domain.attributes import (
     STUDY_UID,
     indexed_values,
 )
+from dicomhub.domain.extended_tags import index_created
 from dicomhub.index.records import NewInstance, Partition
 from dicomhub.index.repository import Index, InstanceExists
 
@@ -187,7 +188,7 @@ class StoreService:
             for item in reserved:
                 self.blobs.put(item.instance.blob_key, item.staged)
                 written.append(item)
-            self.index.complete_creates([item.instance for item in reserved])
+            self.index.complete_creates([item.instance for item in reserved], index_created)
         except Exception:
             log.exception("store commit failed", extra={"count": len(reserved)})
             self.index.abort_creates([item.instance.watermark for item in reserved])

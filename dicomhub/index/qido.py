@@ -7,12 +7,14 @@ from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, and_, exists, func, literal, select, true
 
+from dicomhub.index.extended_tags import VALUE_TABLES
 from dicomhub.index.records import QidoQuery, QidoRow, QueryFilter
 from dicomhub.index.repository import Index
 from dicomhub.index.schema import (
     INSTANCE_CREATED,
     NAME_PATIENT,
     NAME_REFERRING_PHYSICIAN,
+    extended_name_word,
     instance,
     instance_metadata,
     name_word,
@@ -103,10 +105,47 @@ def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> Colum
     return _value_condition(columns[flt.tag], flt)
 
 
+# The key an extended query tag's values are joined on, by query level and tag level.
+EXTENDED_OWNERS = {
+    "study": {"study": study.c.study_key},
+    "series": {"study": series.c.study_key, "series": series.c.series_key},
+    "instance": {"study": instance.c.study_key, "series": instance.c.series_key, "instance": instance.c.instance_key},
+}
+
+
+def _extended_condition(flt: QueryFilter, owners: dict) -> ColumnElement[bool]:
+    """``key IN (values of the tag that match)``: the value index (tag, value, key) drives the search."""
+    assert flt.extended is not None
+    owner, tag_key = owners[flt.extended.level], flt.extended.tag_key
+    if flt.match == "universal":
+        return true()
+    if flt.match == "fuzzy":
+        word = extended_name_word
+        return and_(
+            *(
+                owner.in_(
+                    select(word.c.resource_key).where(
+                        (word.c.tag_key == tag_key) & word.c.word.like(_like_pattern(w) + "%", escape="\\")
+                    )
+                )
+                for w in flt.values
+            )
+        )
+    table = VALUE_TABLES[flt.extended.kind]
+    if flt.extended.kind == "string":
+        matches = _value_condition(table.c.value, flt)
+    else:
+        matches = table.c.value == (int if flt.extended.kind == "long" else float)(flt.values[0])
+    return owner.in_(select(table.c.resource_key).where((table.c.tag_key == tag_key) & matches))
+
+
 def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     """Rows matching ``query``, newest first, one page."""
     columns = INSTANCE_LEVEL_COLUMNS if query.level == "instance" else COLUMNS
-    conditions = [_condition(f, index.dialect, columns) for f in query.filters]
+    conditions = [
+        _extended_condition(f, EXTENDED_OWNERS[query.level]) if f.extended else _condition(f, index.dialect, columns)
+        for f in query.filters
+    ]
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
         stmt = stmt.where(study.c.partition_key == query.partition_key)

@@ -68,6 +68,15 @@ class StoredInstance:
 
 
 @dataclass(frozen=True)
+class ExtendedColumn:
+    """Where an extended query tag's values are indexed: its key, level and kind (string, long or double)."""
+
+    tag_key: int
+    level: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class QueryFilter:
     """One QIDO condition on an indexed attribute; values are already folded the way the index stores them.
 
@@ -80,6 +89,7 @@ class QueryFilter:
     values: tuple[str, ...] = ()
     low: str = ""
     high: str = ""
+    extended: ExtendedColumn | None = None  # set for an extended query tag
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, Select, bindparam, case, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.changefeed import Change, append_changes
+from dicomhub.index.extended_tags import forget_deleted
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
     CHANGE_CREATE,
@@ -31,6 +32,9 @@ from dicomhub.index.schema import (
     study,
     watermark_allocator,
 )
+
+# Store time, inside the commit: indexes extended query tags of (instance, study key, series key, instance key) each.
+ExtendedIndexer = Callable[[Connection, list[tuple[NewInstance, int, int, int]]], None]
 
 
 class InstanceExists(Exception):
@@ -159,6 +163,7 @@ class Index:
                 frame_count=bindparam("b_frame_count"),
                 frames=bindparam("b_frames"),
             )
+            .returning(instance.c.instance_key)
         )
         self._add_words = self._insert(name_word).on_conflict_do_nothing()
 
@@ -217,12 +222,13 @@ class Index:
                 )
             )
 
-    def complete_creates(self, news: Sequence[NewInstance]) -> None:
+    def complete_creates(self, news: Sequence[NewInstance], index_extended: ExtendedIndexer | None = None) -> None:
         """Makes instances visible in one durable transaction: study/series rows, instance state, metadata, name
-        words and change-feed entries."""
+        words, extended query tag values (``index_extended``) and change-feed entries."""
         if not news:
             return
         with self._write() as conn:
+            created: list[tuple[NewInstance, int, int, int]] = []
             for new in news:
                 study_key = conn.execute(
                     self._upsert_study,
@@ -257,8 +263,10 @@ class Index:
                         "b_frames": new.frames_json,
                     },
                 )
-                if marked.rowcount != 1:
+                instance_key = marked.scalar()
+                if instance_key is None:
                     raise ReservationLost(f"the reservation of watermark {new.watermark} was rolled back meanwhile")
+                created.append((new, study_key, series_key, instance_key))
                 words = [(NAME_PATIENT, w) for w in new.values.patient_name_words] + [
                     (NAME_REFERRING_PHYSICIAN, w) for w in new.values.referring_physician_words
                 ]
@@ -267,8 +275,10 @@ class Index:
                         self._add_words, [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words]
                     )
             conn.execute(insert(instance_metadata), [{"watermark": n.watermark, "json": n.metadata_json} for n in news])
-            created = [(n.partition_key, n.study_uid, n.series_uid, n.sop_uid, n.watermark, n.watermark) for n in news]
-            append_changes(conn, [Change(CHANGE_CREATE, *c) for c in created])  # last: holds a lock until the commit
+            if index_extended is not None:
+                index_extended(conn, created)
+            changes = [(n.partition_key, n.study_uid, n.series_uid, n.sop_uid, n.watermark, n.watermark) for n in news]
+            append_changes(conn, [Change(CHANGE_CREATE, *c) for c in changes])  # last: holds a lock until the commit
 
     def stale_creates(self, before: datetime) -> list[PendingCreate]:
         with self.read() as conn:
@@ -397,6 +407,7 @@ class Index:
             victims = conn.execute(
                 select(
                     instance.c.watermark,
+                    instance.c.instance_key,
                     instance.c.study_key,
                     instance.c.series_key,
                     instance.c.blob_key,
@@ -426,6 +437,13 @@ class Index:
                 self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key, reindex)
             for study_key in {v.study_key for v in victims}:
                 self._refresh_level(conn, study, study.c.study_key, instance.c.study_key, study_key, reindex)
+            forget_deleted(
+                conn,
+                watermarks,
+                [v.instance_key for v in victims],
+                list({v.series_key for v in victims}),
+                list({v.study_key for v in victims}),
+            )
             append_changes(  # last: it holds the feed's append lock until the commit
                 conn,
                 [

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -211,4 +212,69 @@ operation_task = Table(
     Column("lease_owner", String(64)),
     Column("lease_expires", DateTime(timezone=True)),
     Index(None, "status", "lease_expires"),
+)
+
+# Extended query tags (global, not per partition): the tags, their values per level and kind, and indexing errors.
+# A value row belongs to one study, series or instance (``resource_key`` is its study_key, series_key or instance_key,
+# by the tag's level) and remembers the watermark of the instance it came from, so the newest instance wins.
+EXTENDED_ADDING = 0
+EXTENDED_READY = 1
+EXTENDED_DELETING = 2
+
+extended_query_tag = Table(
+    "extended_query_tag",
+    metadata,
+    Column("tag_key", Key, primary_key=True, autoincrement=True),
+    Column("path", String(8), nullable=False, unique=True),
+    Column("vr", String(2), nullable=False),
+    Column("private_creator", String(64)),
+    Column("level", String(8), nullable=False),
+    Column("status", SmallInteger, nullable=False),
+    Column("query_enabled", SmallInteger, nullable=False),
+    Column("operation_id", String(32)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+extended_query_tag_error = Table(
+    "extended_query_tag_error",
+    metadata,
+    Column("tag_key", Key, primary_key=True, autoincrement=False),
+    Column("watermark", Key, primary_key=True, autoincrement=False),
+    Column("partition_key", Key, nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("message", Text, nullable=False),
+)
+
+
+def _extended_values(name: str, value_type) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("tag_key", Key, primary_key=True, autoincrement=False),
+        Column("resource_key", Key, primary_key=True, autoincrement=False),
+        Column("level", String(8), nullable=False),
+        Column("partition_key", Key, nullable=False),
+        Column("watermark", Key, nullable=False),
+        Column("value", value_type, nullable=False),
+        Index(None, "tag_key", "value", "resource_key"),  # QIDO: the value drives the search
+        Index(None, "level", "resource_key"),  # delete of a study, series or instance
+    )
+
+
+extended_string = _extended_values("extended_string", String(324))
+extended_long = _extended_values("extended_long", BigInteger)
+extended_double = _extended_values("extended_double", Float(53))
+
+extended_name_word = Table(
+    "extended_name_word",
+    metadata,
+    Column("tag_key", Key, primary_key=True, autoincrement=False),
+    Column("resource_key", Key, primary_key=True, autoincrement=False),
+    Column("word", String(64), primary_key=True),
+    Column("level", String(8), nullable=False),
+    Index(None, "tag_key", "word", "resource_key"),
+    Index(None, "level", "resource_key"),
 )
