@@ -16,6 +16,7 @@ import pydicom
 import pydicom.data
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import JPEGBaseline8Bit
@@ -243,6 +244,61 @@ def test_monochrome1_is_inverted(http: httpx.Client, data: Data) -> None:
     actual = pixels_of(get(http, data.mono1.path() + "/rendered", "image/png"))
     assert (actual == 255 - min_max(values)).all()
     assert actual[0, 0] == 255 and actual[-1, -1] == 0
+
+
+def lut(first: int, bits: int, values: list[int]) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(values), first, bits]
+    item.add_new("LUTData", "US", values)
+    return item
+
+
+def test_lut_sequences_and_presentation_shape(http: httpx.Client) -> None:
+    stored_values = np.arange(8, dtype=np.uint16).reshape(2, 4)
+    modality = [100, 90, 80, 70, 60, 50, 40, 300]  # not monotonic
+    voi = [v // 2 for v in range(512)]  # 8-bit output: 0..255 as they are
+    items = {
+        "modality LUT": image(stored_values, ModalityLUTSequence=[lut(0, 16, modality)]),
+        "modality + VOI LUT": image(
+            stored_values, ModalityLUTSequence=[lut(0, 16, modality)], VOILUTSequence=[lut(0, 8, voi)]
+        ),
+        "window wins over VOI LUT": image(
+            stored_values, VOILUTSequence=[lut(0, 8, [255] * 8)], WindowCenter=4, WindowWidth=8
+        ),
+        "presentation INVERSE": image(stored_values, PresentationLUTShape="INVERSE"),
+    }
+    store(http, *items.values())
+    mapped = np.array(modality)[stored_values]
+    expected = {
+        "modality LUT": min_max(mapped),
+        "modality + VOI LUT": np.array(voi, dtype=np.uint8)[mapped],
+        "window wins over VOI LUT": linear(stored_values, 4, 8),
+        "presentation INVERSE": 255 - min_max(stored_values),
+    }
+    for name, item in items.items():
+        actual = pixels_of(get(http, item.path() + "/rendered", "image/png"))
+        assert (actual == expected[name]).all(), (name, actual, expected[name])
+
+
+def test_enhanced_functional_groups(http: httpx.Client) -> None:
+    """Rescale in the shared functional groups, a window per frame in the per-frame groups."""
+    frames = np.stack([np.arange(16, dtype=np.uint16).reshape(4, 4) * 10 + 100 * n for n in range(2)])
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 2, -100, "US"
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = [transform]
+    windows = [(100, 200), (300, 50)]
+    per_frame = []
+    for center, width in windows:
+        voi, group = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, width
+        group.FrameVOILUTSequence = [voi]
+        per_frame.append(group)
+    item = image(frames, SharedFunctionalGroupsSequence=[shared], PerFrameFunctionalGroupsSequence=per_frame)
+    store(http, item)
+    for n, (center, width) in enumerate(windows, 1):
+        actual = pixels_of(get(http, f"{item.path()}/frames/{n}/rendered", "image/png"))
+        assert (actual == linear(frames[n - 1].astype(np.float64) * 2 - 100, center, width)).all(), n
 
 
 # -- colour ----------------------------------------------------------------------------------------------------------

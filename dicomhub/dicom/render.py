@@ -22,7 +22,6 @@ from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
-    apply_voi,
     as_pixel_options,
     convert_color_space,
     get_decoder,
@@ -242,15 +241,27 @@ def _gray_values(
     if window is not None:
         out = _windowed(values, window)
     elif attributes.get("VOILUTSequence"):
-        entries, first, lut_bits = (int(v) for v in attributes.VOILUTSequence[0].LUTDescriptor)
-        inputs = np.rint(np.clip(values, first, first + (entries or 65536) - 1))
-        out = apply_voi(inputs, attributes).astype(np.float64) * (255.0 / (2**lut_bits - 1))
+        out = _voi_lut(values, attributes)
     else:
         seen = values if present is None else values[present]
         low, high = float(seen.min()), float(seen.max())
         out = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return 255 - out if invert else out
+
+
+def _voi_lut(values: np.ndarray, attributes: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.1 VOI LUT to 0..255. Not pydicom's apply_voi: it indexes an 8-bit LUT with 8-bit integers, so
+    inputs past 255 wrap around."""
+    item = attributes.VOILUTSequence[0]
+    _, first, bits = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        little = attributes.file_meta.TransferSyntaxUID.is_little_endian
+        data = np.frombuffer(data, dtype="<u2" if little else ">u2")
+    table = np.asarray(data, dtype=np.float64).ravel()
+    index = np.clip(np.rint(values) - first, 0, len(table) - 1).astype(np.intp)
+    return table[index] * (255.0 / (2**bits - 1))
 
 
 def _has_modality_lut(attributes: Dataset) -> bool:
