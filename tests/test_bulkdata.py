@@ -345,7 +345,7 @@ def test_encapsulated_pixeldata_one_part_per_frame(server, http, data):
     assert [p.data for p in parse_multipart(ranged)] == expected
     single = http.get(f"{data.rle.path()}/pixeldata", headers=OCTET)
     assert single.status_code == 406
-    assert "2 values: multipart only" in single.text
+    assert "several values: multipart only" in single.text
 
 
 def test_series_pixeldata(http, data):
@@ -354,6 +354,16 @@ def test_series_pixeldata(http, data):
     datas = [p.data for p in parse_multipart(response)]
     expected = [data.big_endian.ds.PixelData, *generate_frames(data.rle.ds.PixelData, number_of_frames=2)]
     assert sorted(datas) == sorted(expected)  # the instance without pixel data is left out
+
+
+def test_scope_pixeldata_errors(http, data):
+    single = http.get(f"/v2/studies/{data.study}/series/{data.rich.series}/pixeldata", headers=OCTET)
+    assert single.status_code == 406  # a series is several values, even of one instance
+    assert "several values: multipart only" in single.text
+    lone = make_dataset(PixelData=None)
+    store(http, stored(lone))
+    response = http.get(f"/v2/studies/{lone.StudyInstanceUID}/pixeldata", headers=MULTI_OCTET)
+    assert (response.status_code, response.text) == (404, "The specified scope has no pixel data.")
 
 
 def test_dicomweb_client_pixeldata_of_encapsulated(server, data):

@@ -10,8 +10,10 @@ A ``Range`` of one byte range applies when the answer is one value, in either fo
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -28,7 +30,7 @@ from dicomhub.api.media import (
     new_boundary,
     parse_accept,
 )
-from dicomhub.domain.bulkdata import Value, instance_url
+from dicomhub.domain.bulkdata import PixelData, Value, instance_url
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 
 router = APIRouter(tags=["Bulk data"])
@@ -92,23 +94,24 @@ def _syntax_ok(requested: str | None, actual: str) -> bool:
     )
 
 
-def negotiate(accept: str, syntaxes: set[str], count: int) -> bool:
-    """Multipart (True) or single part (False) for ``count`` values in ``syntaxes``; a missing Accept is ``*/*``."""
+def negotiate(accept: str, syntaxes: set[str], single: bool) -> bool:
+    """Multipart (True) or single part (False, only for a ``single`` value) for values in ``syntaxes``; a missing
+    Accept is ``*/*``."""
     for media in parse_accept(accept) or parse_accept("*/*"):
         if media.type in ("*/*", "multipart/*") or (
             media.type == MULTIPART_RELATED and media.related_type in (None, OCTET_STREAM, "*/*")
         ):
             multipart = True
-        elif media.type in (OCTET_STREAM, "application/*") and count == 1:
+        elif media.type in (OCTET_STREAM, "application/*") and single:
             multipart = False
         else:
             continue
         if all(_syntax_ok(media.transfer_syntax, s) for s in syntaxes):
             return multipart
-    single = "" if count == 1 else f' ({count} values: multipart only, multipart/related; type="{OCTET_STREAM}")'
+    several = "" if single else f' (several values: multipart only, multipart/related; type="{OCTET_STREAM}")'
     raise NotAcceptable(
         f"The bulk data is served as {OCTET_STREAM}, single part or multipart, in its stored transfer syntax "
-        f"({', '.join(sorted(syntaxes))}) or with transfer-syntax=*{single}."
+        f"({', '.join(sorted(syntaxes))}) or with transfer-syntax=*{several}."
     )
 
 
@@ -121,13 +124,27 @@ def _part_headers(value: Value, location: str, content_range: str | None) -> str
     return "\r\n".join(lines)
 
 
-async def _serve(request: Request, find: Callable[[], list[Served]]) -> Response:
+@dataclass
+class _Found:
+    """What a route serves: its values with their Content-Location (produced lazily for a study or series), the
+    transfer syntaxes they are in, and the value itself when the answer is exactly one (single part, Range)."""
+
+    served: Iterable[Served]
+    syntaxes: set[str]
+    single: Served | None
+
+    @classmethod
+    def of(cls, served: list[Served]) -> _Found:
+        return cls(served, {value.transfer_syntax for value, _ in served}, served[0] if len(served) == 1 else None)
+
+
+async def _serve(request: Request, find: Callable[[], _Found]) -> Response:
     accept = ", ".join(request.headers.getlist("accept"))
     found = await run_in_threadpool(find)
-    multipart = negotiate(accept, {v.transfer_syntax for v, _ in found}, len(found))
+    multipart = negotiate(accept, found.syntaxes, found.single is not None)
     status, headers, window = 200, {}, None
-    if len(found) == 1:
-        total = found[0][0].length
+    if found.single is not None:
+        total = found.single[0].length
         try:
             window = parse_range(request.headers.get("range"), total)
         except _Unsatisfiable:
@@ -142,13 +159,13 @@ async def _serve(request: Request, find: Callable[[], list[Served]]) -> Response
         return value.chunks(*window) if window is not None else value.chunks()
 
     if not multipart:
-        value, location = found[0]
+        value, location = found.single
         headers["Content-Location"] = location
         headers["Content-Length"] = str(window[1] if window is not None else value.length)
         media = f"{OCTET_STREAM}; transfer-syntax={value.transfer_syntax}"
         return StreamingResponse(chunks(value), status_code=status, media_type=media, headers=headers)
     boundary = new_boundary()
-    parts = ((_part_headers(v, loc, headers.get("Content-Range")), chunks(v)) for v, loc in found)
+    parts = ((_part_headers(v, loc, headers.get("Content-Range")), chunks(v)) for v, loc in found.served)
     return StreamingResponse(
         multipart_body(parts, boundary),
         status_code=status,
@@ -168,9 +185,9 @@ async def retrieve_bulkdata(
     series = check_uid(series, "SeriesInstanceUID")
     instance = check_uid(instance, "SOPInstanceUID")
 
-    def find() -> list[Served]:
+    def find() -> _Found:
         value = ctx.services.bulkdata.value(ctx.partition(), study, series, instance, path)
-        return [(value, str(request.url.replace(query="")))]
+        return _Found.of([(value, str(request.url.replace(query="")))])
 
     return await _serve(request, find)
 
@@ -182,16 +199,20 @@ async def _pixeldata(
     series = check_uid(series, "SeriesInstanceUID") if series is not None else None
     sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
 
-    def find() -> list[Served]:
-        found: list[Served] = []
-        base = ctx.base_url()
-        for pixels in ctx.services.bulkdata.pixel_data(ctx.partition(), study, series, sop):
-            url = instance_url(base, pixels.instance)
-            if pixels.per_frame:
-                found.extend((value, f"{url}/frames/{n}") for n, value in enumerate(pixels.values, 1))
-            else:
-                found.append((pixels.values[0], f"{url}/pixeldata"))
-        return found
+    service, base = ctx.services.bulkdata, ctx.base_url()
+
+    def served(pixels: PixelData) -> list[Served]:
+        url = instance_url(base, pixels.instance)
+        if pixels.per_frame:
+            return [(value, f"{url}/frames/{n}") for n, value in enumerate(pixels.values, 1)]
+        return [(pixels.values[0], f"{url}/pixeldata")]
+
+    def find() -> _Found:
+        if sop is not None:
+            return _Found.of(served(service.instance_pixel_data(ctx.partition(), study, series, sop)))
+        syntaxes, each = service.scope_pixel_data(ctx.partition(), study, series)
+        first = next(each)  # parsed here, so that a scope without pixel data is a 404 before the answer starts
+        return _Found((s for pixels in itertools.chain([first], each) for s in served(pixels)), syntaxes, None)
 
     return await _serve(request, find)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
@@ -120,21 +120,39 @@ class BulkdataService:
                 f"The instance has no bulk data element at '{format_path(path)}' (no such element, or one whose "
                 "value is not bulk data: a sequence, a name, a short number or text)."
             )
-        return Value(_label(located), ((value.offset, value.length),), read)
+        return Value(served_syntax(inst), ((value.offset, value.length),), read)
 
     # -- pixel data ---------------------------------------------------------------------------------------------
-    def pixel_data(self, partition: Partition, study: str, series: str | None, sop: str | None) -> list[PixelData]:
-        """The pixel data of every instance in scope that has some; an instance without any is a 404 when it was
-        addressed itself. Encapsulated pixel data comes as its frames, in the stored transfer syntax."""
-        found = self.retrieve.instances(partition, study, series, sop)
-        out = []
-        for inst in found:
-            pixel = self._pixel_data(inst)
-            if pixel is not None:
-                out.append(pixel)
-        if not out:
-            raise ResourceNotFound(NO_PIXEL_DATA if sop is not None else "The specified scope has no pixel data.")
-        return out
+    def instance_pixel_data(self, partition: Partition, study: str, series: str, sop: str) -> PixelData:
+        """The pixel data of one instance: native as one value, encapsulated as its frames (stored syntax)."""
+        pixel = self._pixel_data(self.retrieve.instances(partition, study, series, sop)[0])
+        if pixel is None:
+            raise ResourceNotFound(NO_PIXEL_DATA)
+        return pixel
+
+    def scope_pixel_data(
+        self, partition: Partition, study: str, series: str | None
+    ) -> tuple[set[str], Iterator[PixelData]]:
+        """(transfer syntaxes served, the pixel data of each instance of a study or series that has some). Each
+        file is parsed when its turn comes, so the answer starts at once; an instance whose file cannot be read
+        by then (deleted since) is left out. The iterator raises ``ResourceNotFound`` if no instance has any."""
+        found = self.retrieve.instances(partition, study, series)
+
+        def each() -> Iterator[PixelData]:
+            any_found = False
+            for inst in found:
+                try:
+                    pixel = self._pixel_data(inst)
+                except (FileNotFoundError, NotAcceptable) as exc:
+                    log.warning("pixel data left out", extra={"sop_uid": inst.sop_uid, "reason": str(exc)})
+                    continue
+                if pixel is not None:
+                    any_found = True
+                    yield pixel
+            if not any_found:
+                raise ResourceNotFound("The specified scope has no pixel data.")
+
+        return {served_syntax(inst) for inst in found}, each()
 
     def _pixel_data(self, inst: StoredInstance) -> PixelData | None:
         if inst.transfer_syntax_uid not in NATIVE:
@@ -152,7 +170,7 @@ class BulkdataService:
         if located.pixel is None:
             return None
         pixel = located.pixel
-        return PixelData(inst, [Value(_label(located), ((pixel.offset, pixel.length),), read)], per_frame=False)
+        return PixelData(inst, [Value(served_syntax(inst), ((pixel.offset, pixel.length),), read)], per_frame=False)
 
     # -- files --------------------------------------------------------------------------------------------------
     def _blob_reader(self, inst: StoredInstance) -> Callable[[int, int], Iterator[bytes]]:
@@ -163,7 +181,7 @@ class BulkdataService:
         in memory first (offsets are into that copy); the others' values are cached by blob key, which is never
         reused for other content, so a cached entry cannot go stale."""
         threshold = self.settings.bulkdata_uri_threshold
-        if UID(inst.transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+        if inst.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
             if inst.file_size > self.settings.max_transcode_size:
                 raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
             with self.blobs.open(inst.blob_key) as f:
@@ -206,8 +224,11 @@ def _locate(f: BinaryIO, threshold: int) -> Located:
         raise NotAcceptable(f"The bulk data of the instance cannot be read: {exc}") from None
 
 
-def _label(located: Located) -> str:
-    return str(located.transfer_syntax)
+def served_syntax(inst: StoredInstance) -> str:
+    """The transfer syntax values are served in: as stored, but a deflated file's values come from its inflated
+    Explicit VR Little Endian copy."""
+    syntax = inst.transfer_syntax_uid
+    return str(ExplicitVRLittleEndian) if syntax == DeflatedExplicitVRLittleEndian else syntax
 
 
 def _uid(document: dict, key: str) -> str | None:
