@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import datetime as dt
 import http.client
+import io
 import json
 import platform
 import random
@@ -39,6 +40,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -897,6 +899,58 @@ def run_frames(targets: list[Target], data: DataSet, rng: random.Random, n: int)
     return run_interleaved(targets, jobs, "frames", measure)
 
 
+def run_rendered(targets: list[Target], data: DataSet, rng: random.Random, n: int) -> tuple[list[str], dict]:
+    """Rendered frames and instances (JPEG), and thumbnails made then asked for again (served from a cache where
+    the server keeps one). A target that does not serve thumbnails (Orthanc's DICOMweb plugin) is left out of the
+    thumbnail rows."""
+    mf = data.multiframe
+    full = (data.cols, data.rows)
+    singles = [rng.choice(data.ordinary) for _ in range(n)]
+    thumbs = rng.sample(data.ordinary[1:], min(n, len(data.ordinary) - 1))
+    frame_label = f"rendered frame, multi-frame instance ({mf.frames} frames), random frame"
+    rendered_jobs = {
+        frame_label: [(mf, f"/frames/{rng.randint(1, mf.frames)}/rendered", full) for _ in range(n)],
+        "rendered single-frame instance": [(i, "/rendered", full) for i in singles],
+    }
+    thumbnail_jobs = {
+        "thumbnail, single-frame instance (first request)": [(i, "/thumbnail", None) for i in thumbs],
+        "thumbnail, the same instances again": [(i, "/thumbnail", None) for i in thumbs],
+    }
+
+    def path_of(inst: Instance, suffix: str) -> str:
+        return f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}{suffix}"
+
+    def measure(t: Target, item, sample: Sample) -> None:
+        inst, suffix, size = item
+        resp = timed_get(t, path_of(inst, suffix), None, "image/jpeg", sample)
+        if resp is None:
+            return
+        sample.bytes += len(resp.content)
+        try:
+            image = Image.open(io.BytesIO(resp.content))
+            image.load()
+        except Exception as exc:
+            sample.error(f"not an image: {exc}")
+            return
+        if image.format != "JPEG":
+            sample.error(f"expected JPEG, got {image.format}")
+        elif size is not None and image.size != size:
+            sample.error(f"expected {size[0]}x{size[1]}, got {image.size[0]}x{image.size[1]}")
+        elif size is None and max(image.size) > 128:
+            sample.error(f"thumbnail of {image.size[0]}x{image.size[1]}")
+        else:
+            sample.items += 1
+
+    rows, cells = run_interleaved(targets, rendered_jobs, "rendered", measure)
+    probe = path_of(data.ordinary[0], "/thumbnail")
+    serving = [t for t in targets if t.client.get(t.base + probe, headers={"Accept": "image/jpeg"}).status_code == 200]
+    for t in targets:
+        if t not in serving:
+            log(f"thumbnail: {t.name} does not serve thumbnails; left out")
+    more_rows, more_cells = run_interleaved(serving, thumbnail_jobs, "thumbnail", measure)
+    return rows + more_rows, {**cells, **more_cells}
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -996,7 +1050,7 @@ def int_list(value: str) -> list[int]:
     return out
 
 
-PHASES = ["stow", "qido", "metadata", "wado", "frames"]
+PHASES = ["stow", "qido", "metadata", "wado", "frames", "rendered"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1153,6 +1207,15 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(
                 (
                     "WADO-RS single frame latency, ms (lower is better)",
+                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
+                )
+            )
+
+        if "rendered" in phases:
+            rows, cells = run_rendered(targets, data, rng, args.requests)
+            sections.append(
+                (
+                    "Rendered images and thumbnails (JPEG), latency ms (lower is better)",
                     render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
                 )
             )
