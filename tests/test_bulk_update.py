@@ -96,7 +96,7 @@ def feed_of(http: httpx.Client, since: datetime, study: str) -> list[dict]:
 
 
 # -- validation -----------------------------------------------------------------------------------------------------
-STUDY = new_uid()
+STUDY = "1.2.826.0.1.3680043.8.498.1"  # fixed: parameters must be the same in every xdist worker
 
 
 @pytest.mark.parametrize(
@@ -450,3 +450,28 @@ def test_worker_killed_mid_update_is_resumed_to_the_same_final_state(idle_server
         assert len(updates) == 64 and {e["state"] for e in updates} == {"Current"}  # one new version each
         wait_until(lambda: len(study_files(idle_server, study)) == 128, timeout=30)  # orphans of the kill cleaned up
         print(f"killed after {killed_at} of 64 instances were updated")
+
+
+# -- extended query tags --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def tag_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Its own server: extended query tags are global, other tests' servers must not see this one's."""
+    srv = start_server(tmp_path_factory, request.param)
+    yield srv
+    srv.stop()
+
+
+def test_update_reindexes_extended_query_tags(tag_server: Server) -> None:
+    with httpx.Client(base_url=tag_server.url, timeout=60) as http:
+        added = http.post("/v2/extendedquerytags", json=[{"path": "00100040", "vr": "CS", "level": "Study"}])
+        assert added.status_code == 202, added.text
+        assert wait(http, added.json()["id"])["status"] == "succeeded"
+        study = new_uid()
+        store(http, [make_instance(study=study, PatientSex="F"), make_instance(study=study, PatientSex="F")])
+        before = http.get("/v2/studies", params={"PatientSex": "F"}, headers=DICOM_JSON)
+        assert [s["0020000D"]["Value"][0] for s in before.json()] == [study]
+
+        update(http, [study], {"00100040": {"vr": "CS", "Value": ["M"]}})
+        after = http.get("/v2/studies", params={"PatientSex": "M"}, headers=DICOM_JSON)
+        assert [s["0020000D"]["Value"][0] for s in after.json()] == [study]
+        assert http.get("/v2/studies", params={"PatientSex": "F"}, headers=DICOM_JSON).status_code == 204

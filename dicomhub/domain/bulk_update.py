@@ -24,6 +24,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from sqlalchemy import Connection
 
 from dicomhub import __version__
 from dicomhub.blobs.base import MEMORY_PART_LIMIT, BlobStore, Staged
@@ -35,8 +36,10 @@ from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.dicom.validation import element_error, error_comment
 from dicomhub.domain.attributes import indexed_values
 from dicomhub.domain.errors import InvalidRequest
+from dicomhub.domain.extended_tags import extract_values
 from dicomhub.domain.operations import Operation, OperationService, OperationStatus, OperationType, TaskLease
 from dicomhub.domain.store import blob_key
+from dicomhub.index.extended_tags import indexing_tags, write_instance_values
 from dicomhub.index.records import Partition
 from dicomhub.index.repository import Index
 from dicomhub.index.updates import NewVersion, Reservation, UpdateCandidate, UpdateIndex
@@ -192,6 +195,27 @@ def start_update(operations: OperationService, partition: Partition, request: Up
     return operations.start(OperationType.UPDATE, parameters, [], exclusive=True)
 
 
+def _index_extended_tags(conn: Connection, versions: list[NewVersion]) -> None:
+    """The new versions' values for the extended query tags (the old ones stop matching); a value a tag cannot
+    index is left out, as at store time."""
+    tags = indexing_tags(conn)
+    if not tags:
+        return
+    for version in versions:
+        values, _ = extract_values(tags, json.loads(version.metadata_json))
+        if values:
+            old = version.candidate
+            write_instance_values(
+                conn,
+                old.partition_key,
+                old.study_key,
+                old.series_key,
+                old.instance_key,
+                version.reservation.watermark,
+                values,
+            )
+
+
 def instance_error(partition_key: int, study_uid: str, candidate: UpdateCandidate) -> str:
     return (
         f"Instance UIDs - PartitionKey: {partition_key}, StudyInstanceUID: {study_uid}, "
@@ -222,12 +246,14 @@ class BulkUpdateHandler:
         pending = [c for c in candidates if c.updated_by != operation.id]
         errors: list[str] = []
         for start in range(0, len(pending), BATCH_SIZE):
-            if not lease.keep():  # another worker has the task now; what is committed stays, it skips those
-                break
             batch = pending[start : start + BATCH_SIZE]
-            committed, failed = self._update_batch(operation.id, partition_key, study_uid, batch, change, change_model)
+            committed, failed, held = self._update_batch(
+                operation.id, partition_key, study_uid, batch, change, change_model, lease
+            )
             updated += committed
             errors.extend(instance_error(partition_key, study_uid, c) for c in failed)
+            if not held:  # another worker has the task now; what is committed stays, it skips those
+                break
         return {"study": study_uid, "instances": len(candidates), "updated": updated, "errors": errors}
 
     def finish(self, operation: Operation, results: list[dict[str, Any]]) -> tuple[OperationStatus, dict | None]:
@@ -256,8 +282,10 @@ class BulkUpdateHandler:
         batch: list[UpdateCandidate],
         change: Dataset,
         change_model: dict[str, Any],
-    ) -> tuple[int, list[UpdateCandidate]]:
-        """Writes the batch's new files durably, then commits them together; returns (committed, failed)."""
+        lease: TaskLease,
+    ) -> tuple[int, list[UpdateCandidate], bool]:
+        """Writes the batch's new files durably, then commits them together; returns (committed, failed, whether
+        the lease is still held). The lease is renewed between files, so a batch of large files keeps it."""
         reservations = self.updates.reserve(
             len(batch),
             lambda i, watermark: blob_key(partition_key, study_uid, batch[i].series_uid, batch[i].sop_uid, watermark),
@@ -266,7 +294,11 @@ class BulkUpdateHandler:
         documents = self.updates.documents([c.watermark for c in batch])
         versions: list[NewVersion] = []
         failed: list[UpdateCandidate] = []
+        held = True
         for candidate, reservation in zip(batch, reservations, strict=True):
+            held = lease.keep()
+            if not held:
+                break
             try:
                 document = json.loads(documents[candidate.watermark])
                 versions.append(self._new_version(candidate, reservation, document, change, change_model))
@@ -281,8 +313,9 @@ class BulkUpdateHandler:
             versions,
             names_changed,
             timedelta(seconds=self.settings.delete_delay_seconds),
+            _index_extended_tags,
         )
-        return committed, failed
+        return committed, failed, held
 
     def _new_version(
         self,
