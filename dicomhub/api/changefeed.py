@@ -22,7 +22,7 @@ def _service(request: Request) -> ChangeFeedService:
     return ChangeFeedService(request.app.state.services.index)
 
 
-def entry_json(entry: ChangeFeedEntry) -> str:
+def _entry_json(entry: ChangeFeedEntry) -> str:
     """One entry in camelCase; the stored metadata JSON is spliced in as it is rather than parsed and re-encoded."""
     head = json.dumps(
         {
@@ -46,7 +46,7 @@ async def read_feed(version: str, request: Request) -> Response:
     api_version = version_of(request)
     feed = parse_feed(request.query_params.multi_items(), api_version)
     entries = await run_in_threadpool(_service(request).read, feed, api_version)
-    return json_response(request, "[" + ",".join(entry_json(e) for e in entries) + "]", media_type=JSON)
+    return json_response(request, "[" + ",".join(_entry_json(e) for e in entries) + "]", media_type=JSON)
 
 
 @router.get("/changefeed/latest", summary="Read the newest change-feed entry")
@@ -56,4 +56,4 @@ async def read_latest(version: str, request: Request) -> Response:
     entry = await run_in_threadpool(_service(request).latest, api_version, include_metadata)
     if entry is None:
         return Response(status_code=204)  # as Azure's service answers a null entry
-    return json_response(request, entry_json(entry), media_type=JSON)
+    return json_response(request, _entry_json(entry), media_type=JSON)
