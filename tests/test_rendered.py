@@ -32,7 +32,11 @@ MULTIPLE_ACCEPT = "The request contains multiple accept headers, which is not su
 PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
 CDA_CLASS = "1.2.840.10008.5.1.4.1.1.104.2"
 MPEG4 = "1.2.840.10008.1.2.4.102"
-PDF_BYTES = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF"  # odd length
+PDF_BYTES = (
+    b"%PDF-1.4\n"
+    + b"% filler line\n" * 700
+    + b"1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"  # odd: padded when stored
+)
 CDA_BYTES = b'<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3"><title>Report</title></ClinicalDocument>'
 VIDEO_BYTES = bytes(range(256)) * 12  # 3072 bytes: three even fragments of 1024
 
@@ -426,6 +430,8 @@ def test_documents_and_video_are_returned_as_stored(http: httpx.Client, data: Da
             assert response.content == content
         assert get(http, item.path() + "/rendered", "image/png").status_code == 406
         assert get(http, item.path() + "/thumbnail").status_code == 406
+        etag = response.headers["etag"]
+        assert http.get(item.path() + "/rendered", headers={"If-None-Match": etag}).status_code == 304
 
 
 def test_document_has_no_frames(http: httpx.Client, data: Data) -> None:

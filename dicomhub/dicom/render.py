@@ -31,7 +31,6 @@ from pydicom.uid import UID
 JPEG = "image/jpeg"
 PNG = "image/png"
 GIF = "image/gif"
-FORMATS = {JPEG: "JPEG", PNG: "PNG", GIF: "GIF"}
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 # Encapsulated document SOP classes (PS3.3 A.45) and the media type of their document.
@@ -42,7 +41,7 @@ DOCUMENTS = {
     "1.2.840.10008.5.1.4.1.1.104.4": "model/obj",
     "1.2.840.10008.5.1.4.1.1.104.5": "model/mtl",
 }
-# Video transfer syntaxes (PS3.5 8.2.5-8.2.8) and their media type (PS3.18 Table 8.7.4-2).
+# Video transfer syntaxes (PS3.5 8.2.5-8.2.8) and the media type PS3.18 gives their rendered stream.
 VIDEO = {
     "1.2.840.10008.1.2.4.100": "video/mpeg",
     "1.2.840.10008.1.2.4.100.1": "video/mpeg",
@@ -141,7 +140,7 @@ class PixelSource:
         options = as_pixel_options(self.header, transfer_syntax_uid=self.transfer_syntax, pixel_keyword=keyword)
         if not self.transfer_syntax.is_implicit_VR:
             options["pixel_vr"] = head[4:6].decode("ascii")
-            self.f.read(4)  # reserved bytes, then the 32-bit length already past: the value starts here
+            self.f.read(4)  # the 32-bit length (after VR and 2 reserved bytes): the value starts next
         return self.f, options
 
     def _frame(self, index: int, pixels: np.ndarray, properties: dict) -> Frame:
@@ -269,10 +268,14 @@ def _has_modality_lut(attributes: Dataset) -> bool:
 
 
 def _file_window(attributes: Dataset) -> Window | None:
-    """The first window of the file; none when it is unusable (a width below the function's minimum)."""
-    center, width = attributes.WindowCenter, attributes.WindowWidth
-    center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-    width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    """The first window of the file; none when it is unusable (empty, or a width below the function's minimum)."""
+    try:
+        center, width = (
+            float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+            for v in (attributes.WindowCenter, attributes.WindowWidth)
+        )
+    except (TypeError, ValueError, IndexError):
+        return None
     function = str(attributes.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     if function not in WINDOW_FUNCTIONS:
         function = "LINEAR"
@@ -363,7 +366,7 @@ def document_range(f: BinaryIO) -> tuple[int, int] | None:
     header = pydicom.dcmread(f, defer_size=256, specific_tags=["EncapsulatedDocument", "EncapsulatedDocumentLength"])
     if str(header.file_meta.get("TransferSyntaxUID", "")) == DEFLATED or "EncapsulatedDocument" not in header:
         return None
-    raw = header.get_item("EncapsulatedDocument")  # still raw: where its value is in the file
+    raw = header.get_item("EncapsulatedDocument", keep_deferred=True)  # not read: where its value is in the file
     if getattr(raw, "value_tell", None) is None:
         return None
     length = raw.length

@@ -32,13 +32,13 @@ from dicomhub.dicom import render
 from dicomhub.dicom.render import DOCUMENTS, GIF, VIDEO, RenderError, RenderOptions
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.errors import NotAcceptable, ResourceNotFound
+from dicomhub.domain.retrieve import NO_PIXEL_DATA
 from dicomhub.index.records import Partition, StoredInstance
 from dicomhub.index.repository import Index
 
 log = logging.getLogger(__name__)
 
 RENDER_FAILED = "An error was encountered when attempting to convert the dicom file into an image"
-NO_PIXEL_DATA = "The specified frame cannot be found: the instance has no pixel data."
 EXTENSIONS = {render.JPEG: "jpg", render.PNG: "png", GIF: "gif"}
 
 
@@ -194,8 +194,8 @@ class RenderService:
 
     # -- documents and video -------------------------------------------------------------------------------------
     def document(self, inst: StoredInstance) -> tuple[int, Iterator[bytes]]:
-        """(length, chunks) of an encapsulated document or video stream, read from the stored file in place."""
-        self.limiter.check_file(inst.file_size)
+        """(length, chunks) of an encapsulated document or video stream, read from the stored file in place: nothing
+        is decoded or held in memory, so the transcode size limit does not apply."""
         with self.blobs.open(inst.blob_key) as f:
             try:
                 if inst.sop_class_uid in DOCUMENTS:
