@@ -339,8 +339,19 @@ def test_indexing_errors_disable_query_until_enabled(http: httpx.Client) -> None
     good, bad_date, too_long = new_uid(), new_uid(), new_uid()
     store(http, make_dataset(study=good, AcquisitionDate="20200101", ProtocolName="Good"), version="v1")
     store(http, make_dataset(study=bad_date, AcquisitionDate="2020-01-01"), version="v1")
-    store(http, make_dataset(study=too_long, ProtocolName="P" * 80), version="v1")
-    add_and_wait(http, [{"Path": "AcquisitionDate", "Level": "Series"}, {"Path": "ProtocolName", "Level": "Series"}])
+    store(http, make_dataset(study=too_long, ProtocolName="P" * 80, EventTimeOffset=float("nan")), version="v1")
+    add_and_wait(
+        http,
+        [
+            {"Path": "AcquisitionDate", "Level": "Series"},
+            {"Path": "ProtocolName", "Level": "Series"},
+            {"Path": "EventTimeOffset", "Level": "Instance"},
+        ],
+    )
+    errors = http.get("/v2/extendedquerytags/EventTimeOffset/errors").json()
+    assert [(e["studyInstanceUid"], e["errorMessage"]) for e in errors] == [
+        (too_long, "The value 'nan' of extended query tag '00082134' is not a finite number.")
+    ]
 
     for keyword, path, study, fragment in (
         ("AcquisitionDate", "00080022", bad_date, "does not validate VR DA"),

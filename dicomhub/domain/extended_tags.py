@@ -9,6 +9,7 @@ tags is a 400 (Azure answers 503).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -232,7 +233,9 @@ def _value_of(tag: ExtendedTag, element: dict[str, Any]) -> ExtendedValue | str 
         try:
             number = float(raw)
         except (TypeError, ValueError):
-            return f"The value '{raw}' of extended query tag '{tag.path}' is not a number."
+            number = math.nan
+        if not math.isfinite(number):  # NaN and infinities cannot be compared (SQLite stores NaN as NULL)
+            return f"The value '{raw}' of extended query tag '{tag.path}' is not a finite number."
         return ExtendedValue(tag.key, tag.level, tag.vr, single_precision(number) if tag.vr == "FL" else number)
     text = str(raw).strip()
     if tag.vr == "DT" or tag.vr == "TM":
