@@ -90,7 +90,7 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
         blobs=blobs,
         decoding=decoding,
         store=StoreService(index, blobs, settings),
-        retrieve=RetrieveService(index, blobs, settings),
+        retrieve=RetrieveService(index, blobs, settings, decoding),
         query=QueryService(index),
         render=RenderService(
             index, blobs, decoding, ThumbnailCache(settings.data_dir / "thumbnails", settings.thumbnail_cache_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
@@ -10,7 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import pixel_array
 
 from tests.servers import Server
 from tests.test_wado import (
@@ -84,6 +86,18 @@ def frames_url(inst: Stored, frames: str) -> str:
 
 def native_frame(inst: Stored, n: int, size: int) -> bytes:
     return inst.ds.PixelData[(n - 1) * size : n * size]
+
+
+def reencapsulated(inst: Stored, frame: bytes, syntax: str) -> bytes:
+    """``inst`` as a Part-10 file with ``frame`` as its only frame, in ``syntax``: to decode a returned frame."""
+    ds = pydicom.dcmread(io.BytesIO(inst.data))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].is_undefined_length = True
+    ds.NumberOfFrames = 1
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def encapsulated_frames(inst: Stored) -> list[bytes]:
@@ -188,19 +202,19 @@ def test_encapsulated_single_frame_with_number_of_frames(http, data):
     assert http.get(frames_url(data.j2k, "2"), headers={"Accept": "*/*"}).status_code == 404
 
 
-@pytest.mark.parametrize(
-    "accept",
-    [
-        OCTET,  # default explicit VR LE: needs decoding, which comes with compressed transcoding
-        MULTI_OCTET,
-        f"{MULTI_OCTET}; transfer-syntax={EXPLICIT}",
-        'multipart/related; type="image/jp2"',
-        f'multipart/related; type="image/jp2"; transfer-syntax={J2K_LOSSLESS}',
-    ],
-)
-def test_encapsulated_frames_need_original_syntax(http, data, accept):
-    response = http.get(frames_url(data.ybr, "1"), headers={"Accept": accept})
-    assert response.status_code == 406, (accept, response.status_code)
+@pytest.mark.parametrize("accept", [OCTET, MULTI_OCTET, f"{MULTI_OCTET}; transfer-syntax={EXPLICIT}"])
+def test_encapsulated_frames_are_decoded_when_asked(http, data, accept):
+    """Explicit VR LE (the octet-stream default) decodes only the requested frame: JPEG's YCbCr comes back as RGB."""
+    expected = pixel_array(data.ybr.ds, index=4, decoding_plugin="pylibjpeg")
+    response = http.get(frames_url(data.ybr, "5"), headers={"Accept": accept})
+    assert response.status_code == 200, (accept, response.text)
+    if accept == OCTET:
+        content_type, payload = response.headers["content-type"], response.content
+    else:
+        [part] = parse_multipart(response)
+        content_type, payload = part.content_type, part.data
+    assert_media(content_type, OCTET, EXPLICIT)
+    assert payload == expected.tobytes()
 
 
 def test_jp2_frames_of_a_j2k_lossless_instance(http, data):
@@ -210,9 +224,14 @@ def test_jp2_frames_of_a_j2k_lossless_instance(http, data):
     [part] = parse_multipart(response)
     assert_media(part.content_type, "image/jp2", J2K_LOSSLESS)
     assert part.data == expected
-    # the lossy J2K instance is not J2K lossless: it would need transcoding
+    # the lossy J2K instance is re-encoded losslessly: its decoded pixels are kept
     response = http.get(frames_url(data.j2k, "1"), headers={"Accept": 'multipart/related; type="image/jp2"'})
-    assert response.status_code == 406
+    assert response.status_code == 200
+    [part] = parse_multipart(response)
+    assert_media(part.content_type, "image/jp2", J2K_LOSSLESS)
+    assert part.data != encapsulated_frames(data.j2k)[0]
+    decoded = pixel_array(io.BytesIO(reencapsulated(data.j2k, part.data, J2K_LOSSLESS)))
+    assert np.array_equal(decoded, data.j2k.ds.pixel_array)
 
 
 # -- byte order, deflate, bit packing -----------------------------------------------------------------------------
@@ -376,12 +395,14 @@ def test_single_part_accept_with_several_frames(http, data):
     [
         "application/dicom",
         'multipart/related; type="application/dicom"; transfer-syntax=*',
-        "image/jpeg",
+        "image/png",
+        f"image/jpeg; transfer-syntax={EXPLICIT}",
+        f'multipart/related; type="image/jp2"; transfer-syntax={JPEG_BASELINE}',
         'multipart/related; type="image/jp2"; transfer-syntax=*',
         f"{OCTET}; transfer-syntax={IMPLICIT}",
         f"{MULTI_OCTET}; transfer-syntax=garbage",
         f"{MULTI_OCTET}; transfer-syntax=1.2.840.10008.1.2.4.100",
-        "image/jp2",
+        "image/jp2",  # 32-bit pixels: JPEG 2000 cannot hold them
         "*/*; q=0",
     ],
 )

@@ -6,7 +6,20 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
@@ -23,16 +36,24 @@ from dicomhub.api.media import (
     parse_accept,
 )
 from dicomhub.api.responses import json_response
+from dicomhub.dicom.transcode import KNOWN
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 from dicomhub.domain.retrieve import ORIGINAL, Part, parse_frame_numbers
 from dicomhub.index.records import StoredInstance
 
 router = APIRouter(tags=["WADO-RS"])
 
-INSTANCE_SYNTAXES = {ORIGINAL, ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, JPEG2000Lossless}
-FRAME_SYNTAXES = {ORIGINAL, ExplicitVRLittleEndian}
-FRAME_MEDIA = {OCTET_STREAM: FRAME_SYNTAXES, "image/jp2": {JPEG2000Lossless}}
-FRAME_DEFAULT = {OCTET_STREAM: ExplicitVRLittleEndian, "image/jp2": JPEG2000Lossless}
+# Syntaxes a client may ask for; whether the stored one can be transcoded to it is the domain's answer (406 if not)
+INSTANCE_SYNTAXES = {ORIGINAL} | KNOWN
+# PS3.18 8.7.3.5: frame media types, their syntaxes and (first) default; defaults are lossless, lossy only on request
+FRAME_MEDIA = {
+    OCTET_STREAM: (ExplicitVRLittleEndian, ORIGINAL),
+    "image/jp2": (JPEG2000Lossless, JPEG2000),
+    "image/jphc": (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K),
+    "image/jpeg": (JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit),
+    "image/jls": (JPEGLSLossless, JPEGLSNearLossless),
+    "image/dicom-rle": (RLELossless,),
+}
 ANY = ("*/*", "multipart/*")
 T = TypeVar("T")
 SINGLE_FRAME_ONLY = "The accept header is supported for single frame retrieval, use multi-part accept header instead."
@@ -93,9 +114,9 @@ def negotiate_frames(accept: str | None) -> tuple[bool, str, str]:
             part_type = media.related_type or OCTET_STREAM
             if part_type not in FRAME_MEDIA:
                 return None
-            multipart, syntax = True, media.transfer_syntax or FRAME_DEFAULT[part_type]
-        elif media.type == OCTET_STREAM:
-            multipart, part_type, syntax = False, OCTET_STREAM, media.transfer_syntax or ExplicitVRLittleEndian
+            multipart, syntax = True, media.transfer_syntax or FRAME_MEDIA[part_type][0]
+        elif media.type in FRAME_MEDIA:
+            multipart, part_type, syntax = False, media.type, media.transfer_syntax or FRAME_MEDIA[media.type][0]
         else:
             return None
         return (multipart, part_type, syntax) if syntax in FRAME_MEDIA[part_type] else None
@@ -120,25 +141,28 @@ async def _retrieve(request: Request, ctx: RequestContext, study: str, series: s
     retrieve = ctx.services.retrieve
 
     def find() -> tuple[list[StoredInstance], Part | None, bytes | None]:
+        """A named syntax means one instance (Azure's rule): it is read, or transcoded, here, so that a transcoding
+        failure is a 406 before the response starts."""
         found = retrieve.instances(ctx.partition(), study, series, sop, wants_original(request))
         retrieve.check_transfer_syntax(found, syntax)
-        if multipart:
+        if multipart and syntax == ORIGINAL:
             return found, None, None
         single = retrieve.file(found[0], syntax)
-        return found, single, b"".join(single.chunks) if found[0].file_size <= SMALL_BODY else None
+        as_stored = single.transfer_syntax == found[0].transfer_syntax_uid
+        small = not as_stored or found[0].file_size <= SMALL_BODY
+        return found, single, b"".join(single.chunks) if small else None
 
     found, single, body = await run_in_threadpool(find)
+    if single is not None and multipart:
+        chunks = iter([body]) if body is not None else single.chunks
+        boundary = new_boundary()
+        labelled = [(f"{DICOM}; transfer-syntax={single.transfer_syntax}", chunks)]
+        return StreamingResponse(multipart_body(labelled, boundary), media_type=multipart_content_type(DICOM, boundary))
     if single is not None:
         media = f"{DICOM}; transfer-syntax={single.transfer_syntax}"
         if body is not None:
             return Response(body, media_type=media)
-        return StreamingResponse(
-            single.chunks,
-            media_type=media,
-            headers={"Content-Length": str(found[0].file_size)}
-            if single.transfer_syntax == found[0].transfer_syntax_uid
-            else {},
-        )
+        return StreamingResponse(single.chunks, media_type=media, headers={"Content-Length": str(found[0].file_size)})
 
     boundary = new_boundary()
 

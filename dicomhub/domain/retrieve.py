@@ -15,8 +15,16 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import native_frame_length
-from dicomhub.dicom.transcode import NATIVE, can_transcode, little_endian_pixel_data, transcode
-from dicomhub.domain.decoding import too_large_message
+from dicomhub.dicom.transcode import (
+    NATIVE,
+    TranscodeError,
+    can_transcode,
+    little_endian_pixel_data,
+    needs_pixel_decoding,
+    transcode,
+    transcode_frame,
+)
+from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFound
 from dicomhub.index.records import Partition, StoredInstance
 from dicomhub.index.repository import Index
@@ -34,10 +42,11 @@ class Part:
 
 
 class RetrieveService:
-    def __init__(self, index: Index, blobs: BlobStore, settings: Settings) -> None:
+    def __init__(self, index: Index, blobs: BlobStore, settings: Settings, decoding: DecodeLimiter) -> None:
         self.index = index
         self.blobs = blobs
         self.settings = settings
+        self.decoding = decoding
 
     def instances(
         self,
@@ -65,68 +74,88 @@ class RetrieveService:
             )
         for inst in found:
             if not can_transcode(inst.transfer_syntax_uid, target):
-                raise NotAcceptable(
-                    f"The instance cannot be transcoded from '{inst.transfer_syntax_uid}' to '{target}'."
-                )
-            if inst.transfer_syntax_uid != target and inst.file_size > self.settings.max_transcode_size:
-                raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
+                raise NotAcceptable(_cannot_transcode("instance", inst.transfer_syntax_uid, target))
+            if inst.transfer_syntax_uid != target:
+                self.decoding.check_file(inst.file_size)
 
     def file(self, inst: StoredInstance, target: str) -> Part:
-        if target == ORIGINAL or target == inst.transfer_syntax_uid:
-            return Part(inst.transfer_syntax_uid, self.blobs.iter_range(inst.blob_key))
+        """The stored file, or (after :meth:`check_transfer_syntax`) the file transcoded, in memory: the size
+        limits bound it, and a codec failure must be a 406 before the response starts."""
+        stored = inst.transfer_syntax_uid
+        if target in (ORIGINAL, stored):
+            return Part(stored, self.blobs.iter_range(inst.blob_key))
         with self.blobs.open(inst.blob_key) as f:
-            data = transcode(f, target)
-        return Part(target, iter([data]))
+            ds = pydicom.dcmread(f)
+        try:
+            if not needs_pixel_decoding(stored, target):
+                return Part(target, iter([transcode(ds, target)]))
+            self.decoding.check_pixels(ds)
+            with self.decoding.slot():
+                return Part(target, iter([transcode(ds, target)]))
+        except TranscodeError as exc:
+            raise NotAcceptable(_cannot_transcode("instance", stored, target, exc)) from exc
 
     # -- frames -------------------------------------------------------------------------------------------------
     def frames(self, inst: StoredInstance, numbers: list[int], target: str) -> list[Part]:
-        """The requested frames (1-based) in ``target``: byte ranges recorded at store time when the stored bytes
-        can be sent as they are, else the frames of the parsed file (big endian, deflated, or not indexable)."""
+        """The requested frames (1-based) in ``target``. Byte ranges recorded at store time when the stored bytes
+        can be sent as they are; native frames re-ordered from the parsed file (big endian, deflated, not
+        indexable); anything else decodes and encodes only the requested frames."""
         if not inst.frame_count:
             raise ResourceNotFound(NO_PIXEL_DATA)
         missing = [n for n in numbers if n > inst.frame_count]
         if missing:
             raise ResourceNotFound(f"The specified frame {missing[0]} cannot be found.")
         stored = inst.transfer_syntax_uid
-        native_le = stored in NATIVE and UID(stored).is_little_endian
-        if target not in (ORIGINAL, stored) and not (stored in NATIVE and target == ExplicitVRLittleEndian):
-            raise NotAcceptable(f"The frames cannot be transcoded from '{stored}' to '{target}'.")
         out = stored if target == ORIGINAL else target
+        if not can_transcode(stored, out):
+            raise NotAcceptable(_cannot_transcode("frames", stored, out))
+        native_le = stored in NATIVE and UID(stored).is_little_endian
         ranges = json.loads(inst.frames_json) if inst.frames_json else None
-        if ranges and len(ranges) >= max(numbers) and (target in (ORIGINAL, stored) or native_le):
+        indexed = bool(ranges) and len(ranges) >= max(numbers)
+        if indexed and (out == stored or (native_le and out in NATIVE)):
             return [Part(out, self._ranges(inst, ranges[n - 1])) for n in numbers]
-        if inst.file_size > self.settings.max_transcode_size:
-            raise NotAcceptable(too_large_message(self.settings.max_transcode_size))
-        frames = self._parsed_frames(inst, little_endian=target != ORIGINAL)
-        if any(n > len(frames) for n in numbers):
-            raise ResourceNotFound(f"The specified frame {max(numbers)} cannot be found.")
-        return [Part(out, iter([frames[n - 1]])) for n in numbers]
+        if not needs_pixel_decoding(stored, out):
+            _, frames = self._parsed(inst, numbers, little_endian=out != stored)
+            return [Part(out, iter([frame])) for frame in frames]
+        return self._transcoded_frames(inst, numbers, out, ranges if indexed else None)
+
+    def _transcoded_frames(
+        self, inst: StoredInstance, numbers: list[int], target: str, ranges: list | None
+    ) -> list[Part]:
+        """Decodes each requested frame alone (its bytes from the recorded ranges, or from the parsed file) and
+        encodes it in ``target``."""
+        stored = inst.transfer_syntax_uid
+        if ranges is not None:
+            with self.blobs.open(inst.blob_key) as f:
+                header = pydicom.dcmread(f, stop_before_pixels=True)
+            sources = [b"".join(self._ranges(inst, ranges[n - 1])) for n in numbers]
+        else:
+            header, sources = self._parsed(inst, numbers, little_endian=True)
+        self.decoding.check_pixels(header, frames=len(numbers))
+        source = stored if stored not in NATIVE else ExplicitVRLittleEndian  # native frames are little endian here
+        try:
+            with self.decoding.slot():
+                encoded = [transcode_frame(header, frame, source, target) for frame in sources]
+        except TranscodeError as exc:
+            raise NotAcceptable(_cannot_transcode("frames", stored, target, exc)) from exc
+        return [Part(target, iter([frame])) for frame in encoded]
 
     def _ranges(self, inst: StoredInstance, fragments: list[list[int]]) -> Iterator[bytes]:
         for offset, length in fragments:
             yield from self.blobs.iter_range(inst.blob_key, offset, length)
 
-    def _parsed_frames(self, inst: StoredInstance, little_endian: bool) -> list[bytes]:
-        """Every frame of the stored file: native pixel bytes (swapped to little endian when asked and needed), or
-        the joined fragments of each frame of encapsulated pixel data."""
+    def _parsed(self, inst: StoredInstance, numbers: list[int], little_endian: bool) -> tuple[Dataset, list[bytes]]:
+        """(dataset, the requested frames) of the parsed file: native pixel bytes (swapped to little endian when
+        asked and needed), or the joined fragments of each frame of encapsulated pixel data."""
+        self.decoding.check_file(inst.file_size)
         with self.blobs.open(inst.blob_key) as f:
             ds = pydicom.dcmread(f)
         if "PixelData" not in ds:
             raise ResourceNotFound(NO_PIXEL_DATA)
-        count = inst.frame_count
-        if inst.transfer_syntax_uid not in NATIVE:
-            extended = None
-            if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-                extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-            frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
-            return [b"".join(fragments) for fragments in frames][:count]
-        raw = little_endian_pixel_data(ds, inst.transfer_syntax_uid) if little_endian else ds.PixelData
-        if int(ds.get("BitsAllocated", 0) or 0) == 1:
-            return _bit_packed_frames(raw, ds, count)
-        length = native_frame_length(ds)
-        if not length:
-            raise NotAcceptable("The frames of the instance cannot be extracted: unknown frame size.")
-        return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
+        frames = _all_frames(ds, inst.transfer_syntax_uid, inst.frame_count, little_endian)
+        if any(n > len(frames) for n in numbers):
+            raise ResourceNotFound(f"The specified frame {max(numbers)} cannot be found.")
+        return ds, [frames[n - 1] for n in numbers]
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def metadata(
@@ -143,6 +172,28 @@ class RetrieveService:
         newest = max(watermark for watermark, _ in documents)
         etag = str(newest) if sop is not None else f"{newest}-{len(documents)}"
         return etag, "[" + ",".join(document for _, document in documents) + "]"
+
+
+def _cannot_transcode(what: str, source: str, target: str, reason: Exception | None = None) -> str:
+    message = f"The {what} cannot be transcoded from '{source}' to '{target}'."
+    return f"{message} {reason}" if reason is not None else message
+
+
+def _all_frames(ds: Dataset, syntax: str, count: int, little_endian: bool) -> list[bytes]:
+    """Every frame of a parsed file: native pixel bytes, or the joined fragments of encapsulated frames."""
+    if syntax not in NATIVE:
+        extended = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
+        return [b"".join(fragments) for fragments in frames][:count]
+    raw = little_endian_pixel_data(ds, syntax) if little_endian else ds.PixelData
+    if int(ds.get("BitsAllocated", 0) or 0) == 1:
+        return _bit_packed_frames(raw, ds, count)
+    length = native_frame_length(ds)
+    if not length:
+        raise NotAcceptable("The frames of the instance cannot be extracted: unknown frame size.")
+    return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
 
 
 def _bit_packed_frames(raw: bytes, ds: Dataset, count: int) -> list[bytes]:
