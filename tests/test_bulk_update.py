@@ -445,6 +445,8 @@ def test_worker_killed_mid_update_is_resumed_to_the_same_final_state(idle_server
             url = instance_url("/v2", study, series, sop)
             assert http.get(url, headers={**ONE_DICOM, **ORIGINAL}).content == data
             assert pixel_section(http.get(url, headers=ONE_DICOM).content) == pixel_section(data)
+        whole = http.get(f"/v2/studies/{study}", headers=ANY_DICOM)  # every latest version has its file
+        assert whole.status_code == 200 and whole.content.count(b"DICM") == 64
         entries = feed_of(http, since, study)
         updates = [e for e in entries if e["action"] == "Update"]
         assert len(updates) == 64 and {e["state"] for e in updates} == {"Current"}  # one new version each

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, BinaryIO
@@ -47,7 +48,7 @@ from dicomhub.index.updates import NewVersion, Reservation, UpdateCandidate, Upd
 log = logging.getLogger(__name__)
 
 MAX_STUDIES = 50
-BATCH_SIZE = 16  # instances written, then committed together
+BATCH_SIZE = 32  # instances written, then committed together
 IMPLEMENTATION_CLASS_UID = "1.3.6.1.4.1.311.129"  # Azure's: clients may tell an updated file by it
 IMPLEMENTATION_VERSION_NAME = f"dicomhub-{__version__}"[:16]  # SH: at most 16 characters
 PATIENT_NAME, REFERRING_PHYSICIAN_NAME, SPECIFIC_CHARACTER_SET = 0x00100010, 0x00080090, 0x00080005
@@ -245,11 +246,12 @@ class BulkUpdateHandler:
         updated = sum(1 for c in candidates if c.updated_by == operation.id)
         pending = [c for c in candidates if c.updated_by != operation.id]
         errors: list[str] = []
-        for start in range(0, len(pending), BATCH_SIZE):
-            batch = pending[start : start + BATCH_SIZE]
-            committed, failed, held = self._update_batch(
+        while pending:
+            batch = pending[:BATCH_SIZE]
+            done, committed, failed, held = self._update_batch(
                 operation.id, partition_key, study_uid, batch, change, change_model, lease
             )
+            pending = pending[done:]
             updated += committed
             errors.extend(instance_error(partition_key, study_uid, c) for c in failed)
             if not held:  # another worker has the task now; what is committed stays, it skips those
@@ -283,22 +285,29 @@ class BulkUpdateHandler:
         change: Dataset,
         change_model: dict[str, Any],
         lease: TaskLease,
-    ) -> tuple[int, list[UpdateCandidate], bool]:
-        """Writes the batch's new files durably, then commits them together; returns (committed, failed, whether
-        the lease is still held). The lease is renewed between files, so a batch of large files keeps it."""
+    ) -> tuple[int, int, list[UpdateCandidate], bool]:
+        """Writes new files durably, then commits them together; returns (instances done, committed, failed,
+        whether the lease is still held).
+
+        The lease is renewed between files. A batch of slow (large) files ends early, half-way through its
+        reservations' hold, so it commits well before they fall due; the rest goes to the next batch.
+        """
+        hold = timedelta(seconds=self.settings.stale_create_seconds)
+        reserved_at = time.monotonic()
         reservations = self.updates.reserve(
             len(batch),
             lambda i, watermark: blob_key(partition_key, study_uid, batch[i].series_uid, batch[i].sop_uid, watermark),
-            timedelta(seconds=self.settings.stale_create_seconds),
+            hold,
         )
         documents = self.updates.documents([c.watermark for c in batch])
         versions: list[NewVersion] = []
         failed: list[UpdateCandidate] = []
-        held = True
+        held, done = True, 0
         for candidate, reservation in zip(batch, reservations, strict=True):
             held = lease.keep()
-            if not held:
+            if not held or (done and time.monotonic() - reserved_at > hold.total_seconds() / 2):
                 break
+            done += 1
             try:
                 document = json.loads(documents[candidate.watermark])
                 versions.append(self._new_version(candidate, reservation, document, change, change_model))
@@ -313,9 +322,10 @@ class BulkUpdateHandler:
             versions,
             names_changed,
             timedelta(seconds=self.settings.delete_delay_seconds),
+            hold / 4,
             _index_extended_tags,
         )
-        return committed, failed, held
+        return done, committed, failed, held
 
     def _new_version(
         self,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, case, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
 
 from dicomhub.index.changefeed import Change, append_changes
 from dicomhub.index.records import IndexValues
@@ -69,6 +69,33 @@ class NewVersion:
     frames_json: str | None
     metadata_json: str
     values: IndexValues
+
+
+# Built once with bind parameters: per-call construction costs more than running them.
+_ALLOCATE = insert(watermark_allocator).returning(watermark_allocator.c.watermark)
+_RESERVE = insert(blob_cleanup).returning(blob_cleanup.c.id)
+# a reservation is taken back only while it is not due: a cleanup pass that could be deleting its file has seen it due
+_TAKE_BACK = delete(blob_cleanup).where(
+    (blob_cleanup.c.id == bindparam("b_id")) & (blob_cleanup.c.delete_after > bindparam("b_safe"))
+)
+_MOVE = (
+    update(instance)
+    .where(
+        (instance.c.instance_key == bindparam("b_key"))
+        & (instance.c.watermark == bindparam("b_old"))
+        & (instance.c.status == INSTANCE_CREATED)
+    )
+    .values(
+        watermark=bindparam("b_new"),
+        blob_key=bindparam("b_blob_key"),
+        file_size=bindparam("b_file_size"),
+        frames=bindparam("b_frames"),
+        updated_by=bindparam("b_operation"),
+        original_watermark=func.coalesce(instance.c.original_watermark, bindparam("b_old")),
+        original_blob_key=func.coalesce(instance.c.original_blob_key, bindparam("b_old_blob_key")),
+        original_file_size=func.coalesce(instance.c.original_file_size, bindparam("b_old_file_size")),
+    )
+)
 
 
 def _newer(column, watermark):
@@ -127,16 +154,10 @@ class UpdateIndex:
         reservations = []
         with self._write() as conn, conn.begin():
             for position in range(count):
-                watermark = conn.execute(
-                    insert(watermark_allocator).returning(watermark_allocator.c.watermark)
-                ).scalar_one()
+                watermark = conn.execute(_ALLOCATE).scalar_one()
                 key = key_of(position, watermark)
-                cleanup_id = conn.execute(
-                    insert(blob_cleanup)
-                    .values(blob_key=key, delete_after=delete_after, attempts=0)
-                    .returning(blob_cleanup.c.id)
-                ).scalar_one()
-                reservations.append(Reservation(watermark, key, cleanup_id))
+                row = {"blob_key": key, "delete_after": delete_after, "attempts": 0}
+                reservations.append(Reservation(watermark, key, conn.execute(_RESERVE, row).scalar_one()))
         return reservations
 
     def commit(
@@ -147,6 +168,7 @@ class UpdateIndex:
         versions: Sequence[NewVersion],
         names_changed: tuple[bool, bool],
         replaced_delay: timedelta,
+        margin: timedelta,
         extra: Callable[[Connection, list[NewVersion]], None] | None = None,
     ) -> int:
         """Makes the new versions current in one durable transaction; returns how many were committed.
@@ -155,47 +177,51 @@ class UpdateIndex:
         is skipped; its new file stays queued for cleanup. A version replacing an intermediate one (the instance was
         updated before) drops that one's metadata and queues its file: only the original and the latest are kept.
         ``names_changed`` tells whether the patient's and the referring physician's name words are replaced.
+        A reservation due within ``margin`` (clock differences between processes) fails the whole commit: the cleanup
+        may be removing its file.
         ``extra`` runs in the transaction with the committed versions (extended query tag values).
         """
         committed: list[NewVersion] = []
-        now = datetime.now(UTC)
+        replaced: list[UpdateCandidate] = []
         with self._write() as conn, conn.begin():
+            safe = datetime.now(UTC) + margin
             for version in versions:
                 old, new = version.candidate, version.reservation
                 moved = conn.execute(
-                    update(instance)
-                    .where(
-                        (instance.c.instance_key == old.instance_key)
-                        & (instance.c.watermark == old.watermark)
-                        & (instance.c.status == INSTANCE_CREATED)
-                    )
-                    .values(
-                        watermark=new.watermark,
-                        blob_key=new.blob_key,
-                        file_size=version.file_size,
-                        frames=version.frames_json,
-                        updated_by=operation_id,
-                        original_watermark=func.coalesce(instance.c.original_watermark, old.watermark),
-                        original_blob_key=func.coalesce(instance.c.original_blob_key, old.blob_key),
-                        original_file_size=func.coalesce(instance.c.original_file_size, old.file_size),
-                    )
+                    _MOVE,
+                    {
+                        "b_key": old.instance_key,
+                        "b_old": old.watermark,
+                        "b_new": new.watermark,
+                        "b_blob_key": new.blob_key,
+                        "b_file_size": version.file_size,
+                        "b_frames": version.frames_json,
+                        "b_operation": operation_id,
+                        "b_old_blob_key": old.blob_key,
+                        "b_old_file_size": old.file_size,
+                    },
                 ).rowcount
                 if moved != 1:
                     continue
-                taken = conn.execute(delete(blob_cleanup).where(blob_cleanup.c.id == new.cleanup_id)).rowcount
-                if taken != 1:  # the cleanup outran a very slow task: the file may be gone, so nothing is committed
+                if conn.execute(_TAKE_BACK, {"b_id": new.cleanup_id, "b_safe": safe}).rowcount != 1:
                     raise RuntimeError(f"the reservation of {new.blob_key} expired before its commit")
                 if old.original_watermark is not None:
-                    conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark == old.watermark))
-                    conn.execute(
-                        insert(blob_cleanup).values(
-                            blob_key=old.blob_key, delete_after=now + replaced_delay, attempts=0
-                        )
-                    )
-                conn.execute(insert(instance_metadata).values(watermark=new.watermark, json=version.metadata_json))
-                self._refresh_levels(conn, version)
+                    replaced.append(old)
                 committed.append(version)
+            if replaced:
+                watermarks = [r.watermark for r in replaced]
+                conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(watermarks)))
+                delete_after = datetime.now(UTC) + replaced_delay
+                conn.execute(
+                    insert(blob_cleanup),
+                    [{"blob_key": r.blob_key, "delete_after": delete_after, "attempts": 0} for r in replaced],
+                )
             if committed:
+                conn.execute(
+                    insert(instance_metadata),
+                    [{"watermark": v.reservation.watermark, "json": v.metadata_json} for v in committed],
+                )
+                self._refresh_levels(conn, committed)
                 if extra is not None:
                     extra(conn, committed)
                 self._replace_words(conn, committed[-1], names_changed)
@@ -217,15 +243,18 @@ class UpdateIndex:
         return len(committed)
 
     @staticmethod
-    def _refresh_levels(conn: Connection, version: NewVersion) -> None:
-        """Study and series rows take the new version's non-empty values and point at it (QIDO answers from the
-        metadata of the watermark they hold), as a store of a newer instance would."""
-        watermark = version.reservation.watermark
-        for table, key_col, key, values in (
-            (study, study.c.study_key, version.candidate.study_key, version.values.study),
-            (series, series.c.series_key, version.candidate.series_key, version.values.series),
-        ):
+    def _refresh_levels(conn: Connection, versions: list[NewVersion]) -> None:
+        """Study and series rows take the newest version's non-empty values and point at it (QIDO answers from the
+        metadata of the watermark they hold), as a store of a newer instance would; once per row and batch."""
+        newest: dict[tuple[str, int], NewVersion] = {}
+        for version in versions:  # in watermark order: the last one of each row is its newest
+            newest[("study", version.candidate.study_key)] = version
+            newest[("series", version.candidate.series_key)] = version
+        for (level, key), version in newest.items():
+            table, key_col = (study, study.c.study_key) if level == "study" else (series, series.c.series_key)
+            values = version.values.study if level == "study" else version.values.series
             columns = {name: value for name, value in values.items() if value is not None}  # empty: keep
+            watermark = version.reservation.watermark
             conn.execute(
                 update(table).where(key_col == key).values(watermark=_newer(table.c.watermark, watermark), **columns)
             )
