@@ -114,7 +114,7 @@ EXTENDED_OWNERS = {
 
 
 def _extended_condition(flt: QueryFilter, owners: dict) -> ColumnElement[bool]:
-    """``key IN (values of the tag that match)``: the value index (tag, value, key) drives the search."""
+    """The value index (tag, value, key) joined on the owner's key; fuzzy names: ``key IN (matching words)``."""
     assert flt.extended is not None
     owner, tag_key = owners[flt.extended.level], flt.extended.tag_key
     if flt.match == "universal":
@@ -131,12 +131,14 @@ def _extended_condition(flt: QueryFilter, owners: dict) -> ColumnElement[bool]:
                 for w in flt.values
             )
         )
-    table = VALUE_TABLES[flt.extended.kind]
+    # a join, not IN: planners then weigh the value index's statistics and start from it when it is selective
+    # (one value row per tag and resource, so the join adds no rows)
+    table = VALUE_TABLES[flt.extended.kind].alias()
     if flt.extended.kind == "string":
         matches = _value_condition(table.c.value, flt)
     else:
         matches = table.c.value == (int if flt.extended.kind == "long" else float)(flt.values[0])
-    return owner.in_(select(table.c.resource_key).where((table.c.tag_key == tag_key) & matches))
+    return (table.c.resource_key == owner) & (table.c.tag_key == tag_key) & matches
 
 
 def search(index: Index, query: QidoQuery) -> list[QidoRow]:
