@@ -42,11 +42,16 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 DICOM_JSON = "application/dicom+json"
 ACCEPT_STUDY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+ACCEPT_FRAME_UNCOMPRESSED = (
+    f'multipart/related; type="application/octet-stream"; transfer-syntax={ExplicitVRLittleEndian}'
+)
+ACCEPT_INSTANCE_EXPLICIT = f'multipart/related; type="application/dicom"; transfer-syntax={ExplicitVRLittleEndian}'
 STOW_BOUNDARY = "dicomhub-bench-7f3a9c1e5b2d4f60"
 
 SOP_CLASS = {
@@ -127,6 +132,7 @@ class DataSet:
     rows: int
     cols: int
     frames: int
+    seed: int
 
     @property
     def ordinary(self) -> list[Instance]:
@@ -288,7 +294,7 @@ def generate_dataset(
     mf_series.instances.append(multiframe)
     mf_study.series.append(mf_series)
     studies.append(mf_study)
-    return DataSet(root, studies, multiframe, rows, cols, frames)
+    return DataSet(root, studies, multiframe, rows, cols, frames, seed)
 
 
 def expected_frame(ds_set: DataSet, inst: Instance, number: int) -> bytes:
@@ -951,6 +957,85 @@ def run_rendered(targets: list[Target], data: DataSet, rng: random.Random, n: in
     return rows + more_rows, {**cells, **more_cells}
 
 
+@dataclass
+class Compressed:
+    """One JPEG 2000 lossless instance of the transcode phase: its stored frame and the pixels it decodes to."""
+
+    instance: Instance
+    codestream: bytes
+    pixels: bytes
+
+
+def generate_j2k(data: DataSet, count: int, seed: int) -> list[Compressed]:
+    """``count`` single-frame instances of the data set, compressed to JPEG 2000 lossless (pydicom + OpenJPEG), in a
+    study of their own."""
+    root = data.root / "j2k"
+    root.mkdir(exist_ok=True)
+    study, series = _uid(seed, "j2k-study"), _uid(seed, "j2k-series")
+    out = []
+    for k, source in enumerate(data.ordinary[:count]):
+        ds = pydicom.dcmread(source.path)
+        pixels = ds.PixelData
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = _uid(seed, "j2k-instance", k)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+        path = root / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+        out.append(Compressed(Instance(study, series, ds.SOPInstanceUID, path), codestream, pixels))
+    return out
+
+
+def run_transcode(targets: list[Target], data: DataSet, rng: random.Random, n: int) -> tuple[list[str], dict]:
+    """JPEG 2000 lossless instances (stored untimed first): a frame decoded to uncompressed, the frame as stored,
+    and the whole instance transcoded to explicit VR little endian (ms per MB of what is sent)."""
+    j2k = generate_j2k(data, 20, data.seed)
+    for t in targets:  # a conflict on a second run against the same servers is no error
+        stow_request(t.client, t.base, stow_body([c.instance.path for c in j2k]), len(j2k), Sample(), threading.Lock())
+    picks = [rng.choice(j2k) for _ in range(n)]
+    jobs = {
+        "J2K frame 1 → uncompressed (transfer-syntax=1.2.840.10008.1.2.1)": [
+            (c, "frame", ACCEPT_FRAME_UNCOMPRESSED) for c in picks
+        ],
+        "J2K frame 1 as stored (transfer-syntax=*)": [(c, "frame", ACCEPT_FRAME) for c in picks],
+        "J2K instance → explicit VR LE (whole file)": [(c, "instance", ACCEPT_INSTANCE_EXPLICIT) for c in picks],
+    }
+
+    def measure(t: Target, item, sample: Sample) -> None:
+        c, kind, accept = item
+        inst = c.instance
+        path = f"/studies/{inst.study}/series/{inst.series}/instances/{inst.sop}" + (
+            "/frames/1" if kind == "frame" else ""
+        )
+        t0 = time.perf_counter()
+        resp = timed_get(t, path, None, accept, sample)
+        if resp is None:
+            return
+        sample.elapsed += time.perf_counter() - t0
+        sample.bytes += len(resp.content)
+        try:
+            parts = parse_multipart(resp.content, resp.headers.get("content-type", ""))
+        except ValueError as exc:
+            sample.error(f"bad multipart: {exc}")
+            return
+        if len(parts) != 1:
+            sample.error(f"expected 1 part, got {len(parts)}")
+            return
+        body = parts[0][1]
+        if kind == "instance":
+            ds = pydicom.dcmread(io.BytesIO(body))
+            ok = ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and ds.PixelData == c.pixels
+        else:
+            ok = body == (c.codestream if accept == ACCEPT_FRAME else c.pixels)
+        if ok:
+            sample.items += 1
+        else:
+            sample.error(f"{kind} bytes differ from the expected ones ({len(body)} bytes)")
+
+    return run_interleaved(targets, jobs, "transcode", measure)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -1050,7 +1135,81 @@ def int_list(value: str) -> list[int]:
     return out
 
 
-PHASES = ["stow", "qido", "metadata", "wado", "frames", "rendered"]
+LATENCY = [(" — median", ms_median, 2), (" — p95", ms_p95, 2)]
+
+
+def ms_per_mb(s: Sample) -> float:
+    return s.elapsed * 1000 / (s.bytes / 1e6) if s.bytes else float("nan")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One section of the report: how to run it (targets, data, rng, args) -> (row labels, cells) and what to show."""
+
+    name: str
+    title: str
+    label_header: str
+    run: Callable[[list[Target], DataSet, random.Random, argparse.Namespace], tuple[list[str], dict]]
+    metrics: list[tuple[str, Callable[[Sample], float], int]]
+
+
+PHASE_LIST = [
+    Phase(
+        "stow",
+        "STOW-RS (higher is better)",
+        "configuration",
+        lambda targets, data, rng, args: run_stow(targets, data, args.stow_clients, args.stow_batches, args.timeout),
+        [("", lambda s: s.items / s.elapsed if s.elapsed else float("nan"), 1)],
+    ),
+    Phase(
+        "qido",
+        "QIDO-RS latency, ms (lower is better)",
+        "query",
+        lambda targets, data, rng, args: run_json_phase(targets, qido_queries(data, rng, args.requests), "QIDO"),
+        LATENCY,
+    ),
+    Phase(
+        "metadata",
+        "WADO-RS metadata latency, ms (lower is better)",
+        "request",
+        lambda targets, data, rng, args: run_json_phase(
+            targets, metadata_queries(data, rng, args.metadata_requests), "metadata"
+        ),
+        LATENCY,
+    ),
+    Phase(
+        "wado",
+        "WADO-RS retrieve, `transfer-syntax=*` (MB/s: higher is better)",
+        "request",
+        lambda targets, data, rng, args: run_wado(targets, data, rng, args.retrieves),
+        [
+            (" — MB/s", lambda s: s.bytes / 1e6 / s.elapsed if s.elapsed else float("nan"), 1),
+            (" — median ms", ms_median, 1),
+        ],
+    ),
+    Phase(
+        "frames",
+        "WADO-RS single frame latency, ms (lower is better)",
+        "request",
+        lambda targets, data, rng, args: run_frames(targets, data, rng, args.requests),
+        LATENCY,
+    ),
+    Phase(
+        "rendered",
+        "Rendered images and thumbnails (JPEG), latency ms (lower is better)",
+        "request",
+        lambda targets, data, rng, args: run_rendered(targets, data, rng, args.requests),
+        LATENCY,
+    ),
+    Phase(
+        "transcode",
+        "Transcoding from JPEG 2000 lossless, latency ms and ms per MB sent (lower is better)",
+        "request",
+        lambda targets, data, rng, args: run_transcode(targets, data, rng, args.requests),
+        [*LATENCY, (" — ms per MB sent", ms_per_mb, 2)],
+    ),
+]
+PHASES = [phase.name for phase in PHASE_LIST]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1155,70 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
         started = dt.datetime.now().astimezone()
         sections = []
 
-        if "stow" in phases:
-            rows, cells = run_stow(targets, data, args.stow_clients, args.stow_batches, args.timeout)
-            sections.append(
-                (
-                    "STOW-RS (higher is better)",
-                    render(
-                        targets,
-                        rows,
-                        cells,
-                        [("", lambda s: s.items / s.elapsed if s.elapsed else float("nan"), 1)],
-                        "configuration",
-                    ),
-                )
-            )
-        if "qido" in phases:
-            rows, cells = run_json_phase(targets, qido_queries(data, rng, args.requests), "QIDO")
-            sections.append(
-                (
-                    "QIDO-RS latency, ms (lower is better)",
-                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "query"),
-                )
-            )
-        if "metadata" in phases:
-            rows, cells = run_json_phase(targets, metadata_queries(data, rng, args.metadata_requests), "metadata")
-            sections.append(
-                (
-                    "WADO-RS metadata latency, ms (lower is better)",
-                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
-                )
-            )
-        if "wado" in phases:
-            rows, cells = run_wado(targets, data, rng, args.retrieves)
-            sections.append(
-                (
-                    "WADO-RS retrieve, `transfer-syntax=*` (MB/s: higher is better)",
-                    render(
-                        targets,
-                        rows,
-                        cells,
-                        [
-                            (" — MB/s", lambda s: s.bytes / 1e6 / s.elapsed if s.elapsed else float("nan"), 1),
-                            (" — median ms", ms_median, 1),
-                        ],
-                        "request",
-                    ),
-                )
-            )
-        if "frames" in phases:
-            rows, cells = run_frames(targets, data, rng, args.requests)
-            sections.append(
-                (
-                    "WADO-RS single frame latency, ms (lower is better)",
-                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
-                )
-            )
-
-        if "rendered" in phases:
-            rows, cells = run_rendered(targets, data, rng, args.requests)
-            sections.append(
-                (
-                    "Rendered images and thumbnails (JPEG), latency ms (lower is better)",
-                    render(targets, rows, cells, [(" — median", ms_median, 2), (" — p95", ms_p95, 2)], "request"),
-                )
-            )
+        for phase in PHASE_LIST:
+            if phase.name in phases:
+                rows, cells = phase.run(targets, data, rng, args)
+                sections.append((phase.title, render(targets, rows, cells, phase.metrics, phase.label_header)))
 
         n_series = len(data.all_series)
         header = [

@@ -76,8 +76,11 @@ if [ "${BENCH_SKIP_DICOMHUB:-0}" != 1 ]; then
 fi
 
 if [ "${BENCH_SKIP_ORTHANC:-0}" != 1 ]; then
+  # Orthanc decodes JPEG 2000 (the transcode phase) only through its GDCM plugin: install and load it too.
+  SVC_PACKAGES+=(orthanc-gdcm)
   ensure_packages
-  start_orthanc bench "$ORTHANC_PORT" 14242
+  ORTHANC_EXTRA_CONFIG=$(printf '{"Plugins": ["%s", "%s"]}' "$ORTHANC_DICOMWEB_PLUGIN" \
+    /usr/share/orthanc/plugins/libOrthancGdcm.so) start_orthanc bench "$ORTHANC_PORT" 14242
   targets+=(--target "orthanc=http://127.0.0.1:$ORTHANC_PORT/dicom-web")
 fi
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from dicomhub.index.repository import Index
 
 ORIGINAL = "*"
 NO_PIXEL_DATA = "The specified frame cannot be found: the instance has no pixel data."
+HEADER_CACHE_SIZE = 256  # parsed headers of files whose frames are being transcoded (a few KB each)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class RetrieveService:
         self.blobs = blobs
         self.settings = settings
         self.decoding = decoding
+        self._headers: OrderedDict[str, Dataset] = OrderedDict()
+        self._headers_lock = threading.Lock()
 
     def instances(
         self,
@@ -126,8 +131,7 @@ class RetrieveService:
         encodes it in ``target``."""
         stored = inst.transfer_syntax_uid
         if ranges is not None:
-            with self.blobs.open(inst.blob_key) as f:
-                header = pydicom.dcmread(f, stop_before_pixels=True)
+            header = self._header(inst)
             sources = [b"".join(self._ranges(inst, ranges[n - 1])) for n in numbers]
         else:
             header, sources = self._parsed(inst, numbers, little_endian=True)
@@ -139,6 +143,22 @@ class RetrieveService:
         except TranscodeError as exc:
             raise NotAcceptable(_cannot_transcode("frames", stored, target, exc)) from exc
         return [Part(target, iter([frame])) for frame in encoded]
+
+    def _header(self, inst: StoredInstance) -> Dataset:
+        """The attributes before the pixel data, kept for the most recently used files: a viewer asks for the frames
+        of one instance one after another. Blob keys are never reused, so an entry cannot go stale."""
+        with self._headers_lock:
+            header = self._headers.get(inst.blob_key)
+            if header is not None:
+                self._headers.move_to_end(inst.blob_key)
+                return header
+        with self.blobs.open(inst.blob_key) as f:
+            header = pydicom.dcmread(f, stop_before_pixels=True)
+        with self._headers_lock:
+            self._headers[inst.blob_key] = header
+            while len(self._headers) > HEADER_CACHE_SIZE:
+                self._headers.popitem(last=False)
+        return header
 
     def _ranges(self, inst: StoredInstance, fragments: list[list[int]]) -> Iterator[bytes]:
         for offset, length in fragments:
