@@ -140,6 +140,9 @@ def _tags_query():
     return select(extended_query_tag, errors.label("error_count"))
 
 
+_GET = _tags_query().where(extended_query_tag.c.path == bindparam("b_path"))  # built once: every QIDO on a tag
+
+
 def _tag(row) -> ExtendedTag:
     return ExtendedTag(
         key=row.tag_key,
@@ -297,7 +300,7 @@ class ExtendedTagStore:
 
     def get(self, path: str) -> ExtendedTag | None:
         with self._read() as conn:
-            row = conn.execute(_tags_query().where(extended_query_tag.c.path == path)).first()
+            row = conn.execute(_GET, {"b_path": path}).first()
         return _tag(row) if row else None
 
     def by_paths(self, paths: Sequence[str]) -> list[ExtendedTag]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import cache
 
 from sqlalchemy import ColumnElement, and_, exists, func, literal, select, true
 
@@ -113,7 +114,14 @@ EXTENDED_OWNERS = {
 }
 
 
-def _extended_condition(flt: QueryFilter, owners: dict) -> ColumnElement[bool]:
+@cache
+def _value_alias(kind: str, number: int):
+    """The value table of the query's n-th extended filter, aliased once (building an alias costs more than the
+    query)."""
+    return VALUE_TABLES[kind].alias(f"extended_{kind}_{number}")
+
+
+def _extended_condition(flt: QueryFilter, owners: dict, number: int) -> ColumnElement[bool]:
     """The value index (tag, value, key) joined on the owner's key; fuzzy names: ``key IN (matching words)``."""
     assert flt.extended is not None
     owner, tag_key = owners[flt.extended.level], flt.extended.tag_key
@@ -133,7 +141,7 @@ def _extended_condition(flt: QueryFilter, owners: dict) -> ColumnElement[bool]:
         )
     # a join, not IN: planners then weigh the value index's statistics and start from it when it is selective
     # (one value row per tag and resource, so the join adds no rows)
-    table = VALUE_TABLES[flt.extended.kind].alias()
+    table = _value_alias(flt.extended.kind, number)
     if flt.extended.kind == "string":
         matches = _value_condition(table.c.value, flt)
     else:
@@ -145,8 +153,8 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     """Rows matching ``query``, newest first, one page."""
     columns = INSTANCE_LEVEL_COLUMNS if query.level == "instance" else COLUMNS
     conditions = [
-        _extended_condition(f, EXTENDED_OWNERS[query.level]) if f.extended else _condition(f, index.dialect, columns)
-        for f in query.filters
+        _extended_condition(f, EXTENDED_OWNERS[query.level], n) if f.extended else _condition(f, index.dialect, columns)
+        for n, f in enumerate(query.filters)
     ]
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
