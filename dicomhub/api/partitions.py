@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -15,11 +15,6 @@ from dicomhub.domain.errors import InvalidRequest
 router = APIRouter(tags=["Partitions"])
 
 
-def _utc(when: datetime) -> str:
-    """ISO 8601 with an offset; SQLite hands timestamps back without their zone, and they are stored in UTC."""
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
-
-
 @router.get("/v{version}/partitions", summary="List data partitions")
 async def list_partitions(version: str, request: Request) -> Response:
     version_of(request)
@@ -27,5 +22,8 @@ async def list_partitions(version: str, request: Request) -> Response:
     if not services.settings.enable_partitions:
         raise InvalidRequest("Data partitions feature is disabled.")
     partitions = await run_in_threadpool(services.index.list_partitions)
-    body = [{"partitionKey": p.key, "partitionName": p.name, "createdDate": _utc(p.created_at)} for p in partitions]
+    body = [
+        {"partitionKey": p.key, "partitionName": p.name, "createdDate": p.created_at.astimezone(UTC).isoformat()}
+        for p in partitions
+    ]
     return json_response(request, body, media_type="application/json")

@@ -79,7 +79,7 @@ def append_changes(conn: Connection, changes: Sequence[Change]) -> None:
     newest = conn.execute(_NEWEST_TIMESTAMP).scalar()
     now = datetime.now(UTC)
     if newest is not None:
-        now = max(now, _aware(newest))  # a clock stepping back must not put entries before older ones
+        now = max(now, newest)  # a clock stepping back must not put entries before older ones
     conn.execute(
         _SET_CURRENT,
         [
@@ -109,16 +109,6 @@ def append_changes(conn: Connection, changes: Sequence[Change]) -> None:
             for c in changes
         ],
     )
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _utc(moment: datetime) -> datetime:
-    """Bound values in UTC: SQLite compares the stored text, which drops the offset."""
-    return moment.astimezone(UTC)
 
 
 def _select(with_metadata: bool) -> Select:
@@ -172,7 +162,7 @@ class ChangeFeedReader:
 
     def by_time(self, start: datetime, end: datetime, skip: int, limit: int, with_metadata: bool) -> list[ChangeRow]:
         """Entries with ``start <= timestamp < end`` in (timestamp, sequence) order, the first ``skip`` left out."""
-        params = {"b_start": _utc(start), "b_end": _utc(end), "b_skip": skip, "b_limit": limit}
+        params = {"b_start": start, "b_end": end, "b_skip": skip, "b_limit": limit}
         return self._rows(_BY_TIME[with_metadata], params, with_metadata)
 
     def latest(self, by_time: bool, with_metadata: bool) -> ChangeRow | None:
@@ -185,7 +175,7 @@ class ChangeFeedReader:
         return [
             ChangeRow(
                 r.sequence,
-                _aware(r.timestamp),
+                r.timestamp,
                 r.action,
                 r.name,
                 r.study_uid,

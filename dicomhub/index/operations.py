@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, insert, or_, select, text, update
@@ -16,10 +16,6 @@ from sqlalchemy import Engine, and_, insert, or_, select, text, update
 from dicomhub.index.schema import TASK_DONE, TASK_PENDING, operation, operation_task
 
 ACTIVE = ("notStarted", "running")
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -49,8 +45,8 @@ def _record(row) -> OperationRecord:
         id=row.id,
         type=row.type,
         status=row.status,
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
         parameters=json.loads(row.parameters),
         resources=json.loads(row.resources),
         results=json.loads(row.results) if row.results else None,

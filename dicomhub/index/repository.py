@@ -53,11 +53,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -203,7 +198,7 @@ class Index:
                     if (
                         existing is not None
                         and existing.status == INSTANCE_CREATING
-                        and (_aware(existing.created_at) < stale_before)
+                        and (existing.created_at < stale_before)
                     ):
                         conn.execute(self._take_over, keys)
                         reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()

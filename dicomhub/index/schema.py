@@ -6,6 +6,8 @@ accent-free for person names, padding stripped); responses are built from the st
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -22,8 +24,22 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.types import TypeDecorator
 
 Key = BigInteger().with_variant(Integer, "sqlite")
+
+
+class UtcDateTime(TypeDecorator):
+    """Timestamps stored in UTC and always handed back time-zone aware (SQLite keeps no offset; PostgreSQL does)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        return value.astimezone(UTC) if value is not None and value.tzinfo else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 metadata = MetaData(
     naming_convention={
@@ -39,7 +55,7 @@ partition = Table(
     metadata,
     Column("partition_key", Key, primary_key=True, autoincrement=True),
     Column("name", String(64), nullable=False, unique=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 watermark_allocator = Table(
@@ -102,7 +118,7 @@ instance = Table(
     Column("sop_uid", String(64), nullable=False),
     Column("watermark", Key, nullable=False, unique=True),
     Column("status", SmallInteger, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
     Column("study_key", Key, ForeignKey("study.study_key")),
     Column("series_key", Key, ForeignKey("series.series_key")),
     Column("sop_class_uid", String(64)),
@@ -153,7 +169,7 @@ change_feed = Table(
     "change_feed",
     metadata,
     Column("sequence", Key, primary_key=True, autoincrement=True),
-    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("timestamp", UtcDateTime(), nullable=False),
     Column("action", SmallInteger, nullable=False),
     Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
     Column("study_uid", String(64), nullable=False),
@@ -170,7 +186,7 @@ blob_cleanup = Table(
     metadata,
     Column("id", Key, primary_key=True, autoincrement=True),
     Column("blob_key", String(512), nullable=False),
-    Column("delete_after", DateTime(timezone=True), nullable=False),
+    Column("delete_after", UtcDateTime(), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Index(None, "delete_after"),
 )
@@ -183,8 +199,8 @@ operation = Table(
     Column("id", String(32), primary_key=True),
     Column("type", String(16), nullable=False),
     Column("status", String(16), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     Column("parameters", Text, nullable=False),
     Column("resources", Text, nullable=False),
     Column("results", Text),
@@ -192,7 +208,7 @@ operation = Table(
     Column("tasks_done", Integer, nullable=False, default=0),
     # the lease of the worker planning or finishing the operation
     Column("lease_owner", String(64)),
-    Column("lease_expires", DateTime(timezone=True)),
+    Column("lease_expires", UtcDateTime()),
     Index(None, "status", "created_at"),
     Index(None, "type", "status"),
 )
@@ -210,7 +226,7 @@ operation_task = Table(
     Column("result", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("lease_owner", String(64)),
-    Column("lease_expires", DateTime(timezone=True)),
+    Column("lease_expires", UtcDateTime()),
     Index(None, "status", "lease_expires"),
 )
 
@@ -232,7 +248,7 @@ extended_query_tag = Table(
     Column("status", SmallInteger, nullable=False),
     Column("query_enabled", SmallInteger, nullable=False),
     Column("operation_id", String(32)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 extended_query_tag_error = Table(
@@ -244,7 +260,7 @@ extended_query_tag_error = Table(
     Column("study_uid", String(64), nullable=False),
     Column("series_uid", String(64), nullable=False),
     Column("sop_uid", String(64), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
     Column("message", Text, nullable=False),
 )
 
