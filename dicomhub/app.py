@@ -140,6 +140,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["ETag", "Content-Location", "Location", "Warning"],
+            expose_headers=["ETag", "Content-Location", "Location", "Warning", "Content-Range", "Accept-Ranges"],
         )
     return app

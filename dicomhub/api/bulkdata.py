@@ -115,13 +115,11 @@ def negotiate(accept: str, syntaxes: set[str], single: bool) -> bool:
     )
 
 
-def _part_headers(value: Value, location: str, content_range: str | None) -> str:
-    """The headers of one part, written by ``multipart_body`` after ``Content-Type: `` (it writes the first line's
-    value and the blank line; further lines go here)."""
-    lines = [f"{OCTET_STREAM}; transfer-syntax={value.transfer_syntax}", f"Content-Location: {location}"]
+def _part_headers(value: Value, location: str, content_range: str | None) -> dict[str, str]:
+    headers = {"Content-Type": f"{OCTET_STREAM}; transfer-syntax={value.transfer_syntax}", "Content-Location": location}
     if content_range:
-        lines.append(f"Content-Range: {content_range}")
-    return "\r\n".join(lines)
+        headers["Content-Range"] = content_range
+    return headers
 
 
 @dataclass

@@ -101,13 +101,15 @@ def multipart_content_type(part_type: str, boundary: str) -> str:
 STREAM_PIECE = 1 << 20
 
 
-def multipart_body(parts: Iterable[tuple[str, Iterator[bytes]]], boundary: str) -> Iterator[bytes]:
-    """Streams ``(content type, chunks)`` parts as a multipart/related body, in pieces of about STREAM_PIECE."""
+def multipart_body(parts: Iterable[tuple[str | dict[str, str], Iterator[bytes]]], boundary: str) -> Iterator[bytes]:
+    """Streams ``(content type or headers, chunks)`` parts as a multipart/related body, in pieces of about
+    STREAM_PIECE."""
     delimiter = f"--{boundary}\r\n".encode()
     pending: list[bytes] = []
     size = 0
-    for content_type, chunks in parts:
-        head = delimiter + f"Content-Type: {content_type}\r\n\r\n".encode()
+    for headers, chunks in parts:
+        fields = {"Content-Type": headers} if isinstance(headers, str) else headers
+        head = delimiter + "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode() + b"\r\n"
         for piece in itertools.chain((head,), chunks, (b"\r\n",)):
             pending.append(piece)
             size += len(piece)
