@@ -391,7 +391,7 @@ class ExtendedTagStore:
                 .limit(limit)
                 .offset(offset)
             ).all()
-        return [TagError(r[0], r[1], r[2], r[3] if r[3].tzinfo else r[3].replace(tzinfo=UTC), r[4], r[5]) for r in rows]
+        return [TagError(*row) for row in rows]
 
     def watermark_bounds(self) -> tuple[int, int] | None:
         """The lowest and highest watermark of any instance row now (a later store indexes new tags itself)."""
