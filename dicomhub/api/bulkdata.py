@@ -30,6 +30,7 @@ from dicomhub.api.media import (
     new_boundary,
     parse_accept,
 )
+from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.domain.bulkdata import PixelData, Value, instance_url
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 
@@ -190,12 +191,8 @@ async def retrieve_bulkdata(
     return await _serve(request, find)
 
 
-async def _pixeldata(
-    request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None
-) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID") if series is not None else None
-    sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
+async def _pixeldata(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    study, series, sop = scope.study, scope.series, scope.sop
 
     service, base = ctx.services.bulkdata, ctx.base_url()
 
@@ -215,20 +212,14 @@ async def _pixeldata(
     return await _serve(request, find)
 
 
-@router.get("/studies/{study}/pixeldata", summary="Pixel data of a study (CP-2040)")
-async def study_pixeldata(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _pixeldata(request, ctx, study, None, None)
-
-
-@router.get("/studies/{study}/series/{series}/pixeldata", summary="Pixel data of a series (CP-2040)")
-async def series_pixeldata(
-    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _pixeldata(request, ctx, study, series, None)
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/pixeldata", summary="Pixel data of an instance")
-async def instance_pixeldata(
-    study: str, series: str, instance: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _pixeldata(request, ctx, study, series, instance)
+add_scope_routes(
+    router,
+    "GET",
+    "/pixeldata",
+    _pixeldata,
+    {
+        "study": "Pixel data of a study (CP-2040)",
+        "series": "Pixel data of a series (CP-2040)",
+        "instance": "Pixel data of an instance (CP-2040)",
+    },
+)

@@ -2,35 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from dicomhub.api.context import RequestContext, check_uid, studies_context
+from dicomhub.api.context import RequestContext
+from dicomhub.api.scopes import Scope, add_scope_routes
 
 router = APIRouter(tags=["Delete"])
 
 
-async def _delete(ctx: RequestContext, study: str, series: str | None = None, sop: str | None = None) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID") if series is not None else None
-    sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
-    await run_in_threadpool(lambda: ctx.services.delete.delete(ctx.partition(), study, series, sop))
+async def _delete(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    await run_in_threadpool(lambda: ctx.services.delete.delete(ctx.partition(), scope.study, scope.series, scope.sop))
     return Response(status_code=204)
 
 
-@router.delete("/studies/{study}", status_code=204, summary="Delete a study")
-async def delete_study(study: str, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _delete(ctx, study)
-
-
-@router.delete("/studies/{study}/series/{series}", status_code=204, summary="Delete a series")
-async def delete_series(study: str, series: str, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _delete(ctx, study, series)
-
-
-@router.delete("/studies/{study}/series/{series}/instances/{instance}", status_code=204, summary="Delete an instance")
-async def delete_instance(
-    study: str, series: str, instance: str, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _delete(ctx, study, series, instance)
+add_scope_routes(
+    router,
+    "DELETE",
+    "",
+    _delete,
+    {"study": "Delete a study", "series": "Delete a series", "instance": "Delete an instance"},
+    status_code=204,
+)

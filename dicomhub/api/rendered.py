@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from dicomhub.api.context import RequestContext, check_uid, studies_context
+from dicomhub.api.context import RequestContext
 from dicomhub.api.media import parse_media_type
+from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.render import GIF, JPEG, PNG, WINDOW_FUNCTIONS, RenderOptions, Viewport, Window
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 from dicomhub.domain.render import document_type
@@ -122,19 +123,9 @@ def _not_modified(header: str | None, etag: str) -> bool:
 
 
 # -- the shared handler ----------------------------------------------------------------------------------------------
-async def _render(
-    request: Request,
-    ctx: RequestContext,
-    study: str,
-    series: str | None,
-    sop: str | None,
-    frame_text: str | None,
-    thumbnail: bool,
-) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID") if series is not None else None
-    sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
-    frame = parse_frame(frame_text) if frame_text is not None else None
+async def _render(request: Request, ctx: RequestContext, scope: Scope, thumbnail: bool) -> Response:
+    study, series, sop = scope.study, scope.series, scope.sop
+    frame = parse_frame(scope.frames) if scope.frames is not None else None
     params = request.query_params
     quality = parse_quality(params.get("quality"))
     window = parse_window(params.get("window"))
@@ -174,73 +165,37 @@ RENDER_PARAMS = (
 )
 
 
-@router.get("/studies/{study}/rendered", summary="Rendered study (its representative image)", description=RENDER_PARAMS)
-async def rendered_study(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _render(request, ctx, study, None, None, None, thumbnail=False)
+async def _rendered(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    return await _render(request, ctx, scope, thumbnail=False)
 
 
-@router.get(
-    "/studies/{study}/series/{series}/rendered",
-    summary="Rendered series (its representative image)",
+async def _thumbnail(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    return await _render(request, ctx, scope, thumbnail=True)
+
+
+add_scope_routes(
+    router,
+    "GET",
+    "/rendered",
+    _rendered,
+    {
+        "study": "Rendered study (its representative image)",
+        "series": "Rendered series (its representative image)",
+        "instance": "Rendered instance (frame 1; every frame as image/gif; documents and video as stored)",
+        "frames": "Rendered frame",
+    },
     description=RENDER_PARAMS,
 )
-async def rendered_series(
-    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, None, None, thumbnail=False)
-
-
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/rendered",
-    summary="Rendered instance (frame 1; every frame as image/gif; documents and video as stored)",
+add_scope_routes(
+    router,
+    "GET",
+    "/thumbnail",
+    _thumbnail,
+    {
+        "study": "Thumbnail of a study",
+        "series": "Thumbnail of a series",
+        "instance": "Thumbnail of an instance",
+        "frames": "Thumbnail of a frame",
+    },
     description=RENDER_PARAMS,
 )
-async def rendered_instance(
-    study: str, series: str, instance: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, instance, None, thumbnail=False)
-
-
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
-    summary="Rendered frame",
-    description=RENDER_PARAMS,
-)
-async def rendered_frame(
-    study: str, series: str, instance: str, frame: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, instance, frame, thumbnail=False)
-
-
-@router.get("/studies/{study}/thumbnail", summary="Thumbnail of a study", description=RENDER_PARAMS)
-async def thumbnail_study(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _render(request, ctx, study, None, None, None, thumbnail=True)
-
-
-@router.get("/studies/{study}/series/{series}/thumbnail", summary="Thumbnail of a series", description=RENDER_PARAMS)
-async def thumbnail_series(
-    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, None, None, thumbnail=True)
-
-
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
-    summary="Thumbnail of an instance",
-    description=RENDER_PARAMS,
-)
-async def thumbnail_instance(
-    study: str, series: str, instance: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, instance, None, thumbnail=True)
-
-
-@router.get(
-    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",
-    summary="Thumbnail of a frame",
-    description=RENDER_PARAMS,
-)
-async def thumbnail_frame(
-    study: str, series: str, instance: str, frame: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _render(request, ctx, study, series, instance, frame, thumbnail=True)

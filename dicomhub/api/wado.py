@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -23,7 +23,7 @@ from pydicom.uid import (
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from dicomhub.api.context import RequestContext, check_uid, studies_context
+from dicomhub.api.context import RequestContext
 from dicomhub.api.media import (
     DICOM,
     MULTIPART_RELATED,
@@ -36,6 +36,7 @@ from dicomhub.api.media import (
     parse_accept,
 )
 from dicomhub.api.responses import json_response
+from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.transcode import KNOWN
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 from dicomhub.domain.retrieve import ORIGINAL, Part, parse_frame_numbers
@@ -133,10 +134,8 @@ def wants_original(request: Request) -> bool:
     return request.headers.get("msdicom-request-original", "").strip().lower() == "true"
 
 
-async def _retrieve(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID") if series is not None else None
-    sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
+async def _retrieve(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    study, series, sop = scope.study, scope.series, scope.sop
     multipart, syntax = negotiate_instances(_accept(request), single_allowed=sop is not None)
     retrieve = ctx.services.retrieve
 
@@ -174,23 +173,13 @@ async def _retrieve(request: Request, ctx: RequestContext, study: str, series: s
     return StreamingResponse(multipart_body(parts(), boundary), media_type=multipart_content_type(DICOM, boundary))
 
 
-@router.get("/studies/{study}", summary="Retrieve a study")
-async def retrieve_study(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _retrieve(request, ctx, study, None, None)
-
-
-@router.get("/studies/{study}/series/{series}", summary="Retrieve a series")
-async def retrieve_series(
-    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _retrieve(request, ctx, study, series, None)
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}", summary="Retrieve an instance")
-async def retrieve_instance(
-    study: str, series: str, instance: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _retrieve(request, ctx, study, series, instance)
+add_scope_routes(
+    router,
+    "GET",
+    "",
+    _retrieve,
+    {"study": "Retrieve a study", "series": "Retrieve a series", "instance": "Retrieve an instance"},
+)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
@@ -202,10 +191,8 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return any(c.lower() == etag.lower() for c in candidates)
 
 
-async def _metadata(request: Request, ctx: RequestContext, study: str, series: str | None, sop: str | None) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID") if series is not None else None
-    sop = check_uid(sop, "SOPInstanceUID") if sop is not None else None
+async def _metadata(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    study, series, sop = scope.study, scope.series, scope.sop
     if not accepts_dicom_json(_accept(request)):
         return Response(status_code=406)
     from dicomhub.api.bulkdata import wants_bulkdata_uris  # here: the bulk data routes are a separate module
@@ -226,38 +213,18 @@ async def _metadata(request: Request, ctx: RequestContext, study: str, series: s
     return json_response(request, body, headers={"ETag": etag})
 
 
-@router.get("/studies/{study}/metadata", summary="Metadata of a study")
-async def study_metadata(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
-    return await _metadata(request, ctx, study, None, None)
+add_scope_routes(
+    router,
+    "GET",
+    "/metadata",
+    _metadata,
+    {"study": "Metadata of a study", "series": "Metadata of a series", "instance": "Metadata of an instance"},
+)
 
 
-@router.get("/studies/{study}/series/{series}/metadata", summary="Metadata of a series")
-async def series_metadata(
-    study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _metadata(request, ctx, study, series, None)
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/metadata", summary="Metadata of an instance")
-async def instance_metadata(
-    study: str, series: str, instance: str, request: Request, ctx: RequestContext = Depends(studies_context)
-) -> Response:
-    return await _metadata(request, ctx, study, series, instance)
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", summary="Retrieve frames")
-async def retrieve_frames(
-    study: str,
-    series: str,
-    instance: str,
-    frames: str,
-    request: Request,
-    ctx: RequestContext = Depends(studies_context),
-) -> Response:
-    study = check_uid(study, "StudyInstanceUID")
-    series = check_uid(series, "SeriesInstanceUID")
-    instance = check_uid(instance, "SOPInstanceUID")
-    numbers = parse_frame_numbers(frames)
+async def _frames(request: Request, ctx: RequestContext, scope: Scope) -> Response:
+    study, series, instance = scope.study, scope.series, scope.sop
+    numbers = parse_frame_numbers(scope.frames or "")
     multipart, media_type, syntax = negotiate_frames(_accept(request))
     if not multipart and len(numbers) > 1:
         raise InvalidRequest(SINGLE_FRAME_ONLY)
@@ -289,3 +256,6 @@ async def retrieve_frames(
     return StreamingResponse(
         multipart_body(labelled, boundary), media_type=multipart_content_type(media_type, boundary)
     )
+
+
+add_scope_routes(router, "GET", "", _frames, {"frames": "Retrieve frames"})
