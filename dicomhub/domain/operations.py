@@ -47,17 +47,12 @@ TERMINAL = {OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.C
 
 
 @dataclass(frozen=True)
-class Operation:
-    id: str
-    type: OperationType
-    status: OperationStatus
-    created_at: datetime
-    updated_at: datetime
-    parameters: dict[str, Any]
-    resources: list[str]
-    results: dict[str, Any] | None
-    task_count: int
-    tasks_done: int
+class Operation(OperationRecord):
+    """An operation as the domain sees it: the stored record with its type and status as enums."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", OperationType(self.type))
+        object.__setattr__(self, "status", OperationStatus(self.status))
 
     @property
     def finished(self) -> bool:
@@ -75,18 +70,7 @@ class Operation:
 
     @classmethod
     def of(cls, record: OperationRecord) -> Operation:
-        return cls(
-            id=record.id,
-            type=OperationType(record.type),
-            status=OperationStatus(record.status),
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-            parameters=record.parameters,
-            resources=record.resources,
-            results=record.results,
-            task_count=record.task_count,
-            tasks_done=record.tasks_done,
-        )
+        return cls(**vars(record))
 
 
 class TaskLease:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, insert, or_, select, text, update
+from sqlalchemy import Engine, Select, and_, insert, or_, select, text, update
 
 from dicomhub.index.schema import TASK_DONE, TASK_PENDING, operation, operation_task
 
@@ -55,6 +55,15 @@ def _record(row) -> OperationRecord:
     )
 
 
+def _oldest_active(type: str) -> Select:
+    return (
+        select(operation)
+        .where(operation.c.type == type, operation.c.status.in_(ACTIVE))
+        .order_by(operation.c.created_at)
+        .limit(1)
+    )
+
+
 class OperationStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -73,12 +82,7 @@ class OperationStore:
             if exclusive:
                 if self.dialect == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": f"operation:{type}"})
-                row = conn.execute(
-                    select(operation)
-                    .where(operation.c.type == type, operation.c.status.in_(ACTIVE))
-                    .order_by(operation.c.created_at)
-                    .limit(1)
-                ).first()
+                row = conn.execute(_oldest_active(type)).first()
                 if row is not None:
                     return _record(row)
             conn.execute(
@@ -103,12 +107,7 @@ class OperationStore:
 
     def active(self, type: str) -> OperationRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(operation)
-                .where(operation.c.type == type, operation.c.status.in_(ACTIVE))
-                .order_by(operation.c.created_at)
-                .limit(1)
-            ).first()
+            row = conn.execute(_oldest_active(type)).first()
         return _record(row) if row else None
 
     # -- workers ------------------------------------------------------------------------------------------------
