@@ -20,10 +20,10 @@ import sqlalchemy as sa
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from tests.conftest import ENGINES, start_server
 from tests.factory import make_dataset, multipart, new_uid, to_bytes
 from tests.servers import Server, database_url
 
-ENGINES = ["sqlite", "postgres"]
 JSON = {"Accept": "application/dicom+json"}
 FAST = {"operation_poll_seconds": "0.1"}
 
@@ -31,7 +31,7 @@ FAST = {"operation_poll_seconds": "0.1"}
 # -- helpers ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=ENGINES)
 def eqt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp(f"eqt-{request.param}"), database_url(request.param), **FAST).start()
+    srv = start_server(tmp_path_factory, request.param, **FAST)
     yield srv
     srv.stop()
 

@@ -33,7 +33,6 @@ from tests.test_wado import (
     SHARED_DATA,
     Stored,
     assert_media,
-    generated,
     parse_multipart,
     reuid,
     store,
@@ -303,15 +302,6 @@ def test_study_of_one_instance_in_a_compressed_syntax(http, corpus):
     [part] = parse_multipart(response)
     assert_media(part.content_type, "application/dicom", RLE)
     assert_transcoded(part.data, inst, RLE)
-
-
-def test_study_of_several_instances_needs_original_syntax(http):
-    study = new_uid()
-    a, b = generated(study), generated(study)
-    store(http, a, b)
-    response = http.get(f"/v2/studies/{study}", headers={"Accept": f"{MULTI_DICOM}; transfer-syntax={J2K_LOSSLESS}"})
-    assert response.status_code == 406
-    assert "multiple instances" in response.text
 
 
 def test_undecodable_pixel_data_is_not_acceptable(http):
