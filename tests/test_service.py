@@ -35,6 +35,13 @@ def test_openapi_lists_the_dicomweb_routes(http):
         "/v{version}/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
         "/v{version}/studies/{study}/metadata",
         "/v{version}/series",
+        "/v{version}/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+        "/v{version}/studies/{study}/thumbnail",
+        "/v{version}/studies/{study}/series/{series}/instances/{instance}/pixeldata",
+        "/v{version}/changefeed",
+        "/v{version}/extendedquerytags",
+        "/v{version}/operations/{operation_id}",
+        "/v{version}/studies/$bulkUpdate",
     ):
         assert path in paths
     assert http.get("/docs").status_code == 200
@@ -97,3 +104,15 @@ def test_request_log_is_structured_json(server, http):
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
     requests = [line for line in lines if line.get("message") == "request" and line.get("path") == "/health/check"]
     assert requests and requests[-1]["status"] == 200 and "ms" in requests[-1]
+
+
+def test_readme_documents_every_setting():
+    """Configuration is by environment variables: each one a user can set must be in the README's table."""
+    from pathlib import Path
+
+    from dicomhub.config import Settings
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    variables = [f"DICOMHUB_{name.upper()}" for name in Settings.model_fields]
+    missing = [variable for variable in variables if f"`{variable}`" not in readme]
+    assert not missing, f"settings missing from README.md: {missing}"
