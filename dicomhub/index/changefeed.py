@@ -137,12 +137,30 @@ _BY_SEQUENCE = {
     .order_by(change_feed.c.sequence)
     for m in (False, True)
 }
+_IN_WINDOW = (change_feed.c.timestamp >= bindparam("b_start")) & (change_feed.c.timestamp < bindparam("b_end"))
+# The entry ``skip`` places into the window, found on the (timestamp, sequence) index alone: skipping rows there costs
+# far less than skipping full rows, and the page itself then starts from that key.
+_FIRST_OF_PAGE = (
+    select(change_feed.c.timestamp, change_feed.c.sequence)
+    .where(_IN_WINDOW)
+    .order_by(*_BY_TIME_ORDER)
+    .limit(1)
+    .offset(bindparam("b_skip"))
+)
 _BY_TIME = {
     m: _select(m)
-    .where((change_feed.c.timestamp >= bindparam("b_start")) & (change_feed.c.timestamp < bindparam("b_end")))
+    .where(
+        (change_feed.c.timestamp < bindparam("b_end"))
+        & (
+            (change_feed.c.timestamp > bindparam("b_first_time"))
+            | (
+                (change_feed.c.timestamp == bindparam("b_first_time"))
+                & (change_feed.c.sequence >= bindparam("b_first"))
+            )
+        )
+    )
     .order_by(*_BY_TIME_ORDER)
     .limit(bindparam("b_limit"))
-    .offset(bindparam("b_skip"))
     for m in (False, True)
 }
 _LATEST_BY_SEQUENCE = {m: _select(m).order_by(change_feed.c.sequence.desc()).limit(1) for m in (False, True)}
@@ -162,7 +180,11 @@ class ChangeFeedReader:
 
     def by_time(self, start: datetime, end: datetime, skip: int, limit: int, with_metadata: bool) -> list[ChangeRow]:
         """Entries with ``start <= timestamp < end`` in (timestamp, sequence) order, the first ``skip`` left out."""
-        params = {"b_start": start, "b_end": end, "b_skip": skip, "b_limit": limit}
+        with self.index.read() as conn:
+            first = conn.execute(_FIRST_OF_PAGE, {"b_start": start, "b_end": end, "b_skip": skip}).first()
+        if first is None:
+            return []
+        params = {"b_end": end, "b_first_time": first.timestamp, "b_first": first.sequence, "b_limit": limit}
         return self._rows(_BY_TIME[with_metadata], params, with_metadata)
 
     def latest(self, by_time: bool, with_metadata: bool) -> ChangeRow | None:
