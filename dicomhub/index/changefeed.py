@@ -150,14 +150,9 @@ _FIRST_OF_PAGE = (
 _BY_TIME = {
     m: _select(m)
     .where(
-        (change_feed.c.timestamp < bindparam("b_end"))
-        & (
-            (change_feed.c.timestamp > bindparam("b_first_time"))
-            | (
-                (change_feed.c.timestamp == bindparam("b_first_time"))
-                & (change_feed.c.sequence >= bindparam("b_first"))
-            )
-        )
+        (change_feed.c.timestamp >= bindparam("b_first_time"))  # the range the index scan starts from
+        & (change_feed.c.timestamp < bindparam("b_end"))
+        & ((change_feed.c.timestamp > bindparam("b_first_time")) | (change_feed.c.sequence >= bindparam("b_first")))
     )
     .order_by(*_BY_TIME_ORDER)
     .limit(bindparam("b_limit"))
