@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
+import os
+import platform
 import random
 import statistics
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 
 import httpx
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -163,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("QIDO studies by extended tag InstitutionName (LO), median ms", f"{extended:.2f}"))
             rows.append(("QIDO studies by core tag StudyDescription (LO), median ms", f"{core:.2f}"))
             rows.append(("ratio extended / core", f"{extended / core:.2f}"))
-    report = f"Instances: {args.instances}\n\n| measure | value |\n|---|---|\n" + "".join(
-        f"| {label} | {value} |\n" for label, value in rows
+    machine = f"{os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    report = (
+        "## Archive APIs: change feed, re-index, extended-tag QIDO (dicomhub only)\n\n"
+        f"- command: `python benchmarks/operations.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine}; {args.instances} instances, "
+        f"{INSTANCES_PER_STUDY} per study, no pixel data; server and client share the machine\n\n"
+        "| measure | value |\n|---|---|\n" + "".join(f"| {label} | {value} |\n" for label, value in rows)
     )
     print(report)
     if args.output:
