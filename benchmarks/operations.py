@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="parallel STOW requests while loading")
     parser.add_argument("--rounds", type=int, default=200, help="QIDO queries per tag")
     parser.add_argument("--output", help="write the Markdown table here too")
+    parser.add_argument("--index", default="embedded SQLite", help="the server's index, for the report's title")
     parser.add_argument(
         "--phases",
         default="load,changefeed,reindex,qido",
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("ratio extended / core", f"{extended / core:.2f}"))
     machine = f"{os.cpu_count()} cores, {platform.system()} {platform.release()}"
     report = (
-        "## Archive APIs: change feed, re-index, extended-tag QIDO (dicomhub only)\n\n"
+        f"## Archive APIs: change feed, re-index, extended-tag QIDO (dicomhub only, {args.index})\n\n"
         f"- command: `python benchmarks/operations.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine}; {args.instances} instances, "
         f"{INSTANCES_PER_STUDY} per study, no pixel data; server and client share the machine\n\n"
