@@ -84,16 +84,17 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     operations = OperationService(OperationStore(index.engine))
     handlers: list[OperationHandler] = [ReindexHandler(ExtendedTagStore(index.engine), settings)]
     handlers.append(BulkUpdateHandler(index, blobs, settings))
+    retrieve = RetrieveService(index, blobs, settings, decoding)
     return Services(
         settings=settings,
         index=index,
         blobs=blobs,
         decoding=decoding,
         store=StoreService(index, blobs, settings),
-        retrieve=RetrieveService(index, blobs, settings, decoding),
+        retrieve=retrieve,
         query=QueryService(index),
         render=RenderService(
-            index, blobs, decoding, ThumbnailCache(settings.data_dir / "thumbnails", settings.thumbnail_cache_size)
+            retrieve, blobs, decoding, ThumbnailCache(settings.data_dir / "thumbnails", settings.thumbnail_cache_size)
         ),
         delete=DeleteService(index, settings),
         cleanup=CleanupService(index, blobs, settings),

@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from dicomhub.api.context import RequestContext
 from dicomhub.api.media import parse_media_type
+from dicomhub.api.responses import etag_matches
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.render import GIF, JPEG, PNG, WINDOW_FUNCTIONS, RenderOptions, Viewport, Window
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
@@ -114,14 +115,6 @@ def parse_frame(text: str) -> int:
     return int(text)
 
 
-def _not_modified(header: str | None, etag: str) -> bool:
-    """If-None-Match holds the ETag (quoted or not, weak or not, alone or in a list)."""
-    if not header:
-        return False
-    plain = etag.strip('"')
-    return any(c.strip().removeprefix("W/").strip('"') in (plain, "*") for c in header.split(","))
-
-
 # -- the shared handler ----------------------------------------------------------------------------------------------
 async def _render(request: Request, ctx: RequestContext, scope: Scope, thumbnail: bool) -> Response:
     study, series, sop = scope.study, scope.series, scope.sop
@@ -144,7 +137,7 @@ async def _render(request: Request, ctx: RequestContext, scope: Scope, thumbnail
         document = document_type(inst) if frame is None and not thumbnail else None
         if document is not None and (requested in (None, "*/*") or requested == document):
             headers["ETag"] = service.etag(inst, None, None)
-            if _not_modified(if_none_match, headers["ETag"]):
+            if etag_matches(if_none_match, headers["ETag"]):
                 return Response(status_code=304, headers=headers)
             length, chunks = service.document(inst)
             headers["Content-Length"] = str(length)
@@ -152,7 +145,7 @@ async def _render(request: Request, ctx: RequestContext, scope: Scope, thumbnail
         allowed = (JPEG, PNG) if thumbnail else (JPEG, PNG, GIF)
         options = RenderOptions(image_type(requested, allowed), quality, window, viewport, enlarge=not thumbnail)
         headers["ETag"] = service.etag(inst, frame, options, thumbnail)
-        if _not_modified(if_none_match, headers["ETag"]):
+        if etag_matches(if_none_match, headers["ETag"]):
             return Response(status_code=304, headers=headers)
         body = service.thumbnail(partition, inst, frame, options) if thumbnail else service.image(inst, frame, options)
         return Response(body, media_type=options.media_type, headers=headers)

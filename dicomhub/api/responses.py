@@ -12,6 +12,16 @@ from starlette.responses import Response
 from dicomhub.api.media import DICOM_JSON
 
 
+def etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match holds the ETag: compared without quotes and ignoring case as Azure does, weak (``W/``), listed
+    and ``*`` values tolerated as browsers and HTTP caches send them."""
+    if not header:
+        return False
+    plain = etag.strip('"').lower()
+    candidates = (c.strip().removeprefix("W/").removeprefix("w/").strip('"').lower() for c in header.split(","))
+    return any(c in (plain, "*") for c in candidates)
+
+
 def json_response(
     request: Request,
     body: str | bytes | Any,

@@ -35,7 +35,7 @@ from dicomhub.api.media import (
     new_boundary,
     parse_accept,
 )
-from dicomhub.api.responses import json_response
+from dicomhub.api.responses import etag_matches, json_response
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.transcode import KNOWN
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
@@ -182,15 +182,6 @@ add_scope_routes(
 )
 
 
-def _etag_matches(header: str | None, etag: str) -> bool:
-    """Azure compares If-None-Match with the (unquoted) ETag, ignoring case; quoted, weak (``W/``) and listed
-    values are tolerated too, as browsers and HTTP caches send them."""
-    if not header:
-        return False
-    candidates = (c.strip().removeprefix("W/").removeprefix("w/").strip('"') for c in header.split(","))
-    return any(c.lower() == etag.lower() for c in candidates)
-
-
 async def _metadata(request: Request, ctx: RequestContext, scope: Scope) -> Response:
     study, series, sop = scope.study, scope.series, scope.sop
     if not accepts_dicom_json(_accept(request)):
@@ -208,7 +199,7 @@ async def _metadata(request: Request, ctx: RequestContext, scope: Scope) -> Resp
         return retrieve.metadata(ctx.partition(), study, series, sop, wants_original(request))
 
     etag, body = await run_in_threadpool(read)
-    if _etag_matches(if_none_match, etag):
+    if etag_matches(if_none_match, etag):
         return Response(status_code=304)
     return json_response(request, body, headers={"ETag": etag})
 

@@ -84,10 +84,6 @@ class TaskLease:
         self._duration = duration
         self._renewed = time.monotonic()
 
-    @property
-    def attempt(self) -> int:
-        return self._task.attempts
-
     def keep(self) -> bool:
         if time.monotonic() - self._renewed < self._duration.total_seconds() / 3:
             return True

@@ -32,9 +32,8 @@ from dicomhub.dicom import render
 from dicomhub.dicom.render import DOCUMENTS, GIF, VIDEO, RenderError, RenderOptions
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.errors import NotAcceptable, ResourceNotFound
-from dicomhub.domain.retrieve import NO_PIXEL_DATA
+from dicomhub.domain.retrieve import NO_PIXEL_DATA, RetrieveService
 from dicomhub.index.records import Partition, StoredInstance
-from dicomhub.index.repository import Index
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +120,17 @@ class ThumbnailCache:
 
 
 class RenderService:
-    def __init__(self, index: Index, blobs: BlobStore, limiter: DecodeLimiter, cache: ThumbnailCache) -> None:
-        self.index = index
+    def __init__(
+        self, retrieve: RetrieveService, blobs: BlobStore, limiter: DecodeLimiter, cache: ThumbnailCache
+    ) -> None:
+        self.retrieve = retrieve
         self.blobs = blobs
         self.limiter = limiter
         self.cache = cache
 
     def locate(self, partition: Partition, study: str, series: str | None, sop: str | None) -> StoredInstance:
         """The instance addressed, or the one representing a study or series (see the module docstring)."""
-        found = self.index.find_instances(partition.key, study, series, sop)
-        if not found:
-            raise ResourceNotFound.scope(series, sop)
+        found = self.retrieve.instances(partition, study, series, sop)
         if sop is not None:
             return found[0]
         for _, members in groupby(found, key=lambda inst: inst.series_uid):
