@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 import zipfile
@@ -20,6 +21,7 @@ from dicomhub.config import DEFAULT_PARTITION, Settings
 
 app = typer.Typer(help="dicomhub: a DICOMweb archive.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
+log = logging.getLogger("dicomhub.cli")
 
 
 @app.command()
@@ -38,7 +40,7 @@ def serve(
     from dicomhub.services import build_services
 
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_json)
+    log_config = configure_logging(settings.log_level, settings.log_json)
     workers = workers or settings.workers
     # Once, before any worker accepts a request: migrate, check the settings against the data, and (embedded
     # mode: no other process can be storing now) roll back stores a crash left unfinished.
@@ -46,10 +48,10 @@ def serve(
     if services.embedded:
         rolled_back = services.cleanup.rollback_unfinished_stores(datetime.now(UTC))
         if rolled_back:
-            console.print(f"rolled back {rolled_back} unfinished store(s) left by a crash")
+            log.warning("rolled back unfinished stores left by a crash", extra={"stores": rolled_back})
         resumed = services.operations.store.release_all_leases()
         if resumed:
-            console.print(f"resuming {resumed} operation task(s) left by a crash")
+            log.warning("resuming operation tasks left by a crash", extra={"tasks": resumed})
     services.index.engine.dispose()
     if workers > 1:  # Prometheus counters shared by the worker processes through files
         metrics_dir = settings.data_dir / ".metrics"
@@ -61,7 +63,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        log_config=None,
+        log_config=log_config,  # applied again in each worker process (spawned: it inherits no handlers)
         access_log=False,
         timeout_keep_alive=30,
     )
@@ -86,7 +88,7 @@ def worker() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    console.print("operation worker started")
+    log.info("operation worker started")
     services.operation_worker().run(stop)
 
 
