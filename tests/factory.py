@@ -55,6 +55,53 @@ def make_dataset(
     return ds
 
 
+# The Azure service's sample files (an RGB shape on grey, 979 x 985): the colour and mask of each shape
+RGB_SAMPLES = {
+    "red-triangle": ((237, 28, 36), lambda y, x: (y >= 240) & (y <= 720) & (np.abs(x - 492) <= (y - 240) * 0.65)),
+    "green-square": ((34, 177, 76), lambda y, x: (np.abs(y - 489) <= 250) & (np.abs(x - 492) <= 250)),
+    "blue-circle": ((63, 72, 204), lambda y, x: (y - 489) ** 2 + (x - 492) ** 2 <= 300**2),
+}
+
+
+def make_rgb_sample(shape: str, study: str | None = None, series: str | None = None, **attributes) -> FileDataset:
+    """An 8-bit RGB Secondary Capture like the Azure service's samples: 979 x 985 pixels make an odd number of bytes
+    (2,892,945), so the file's Pixel Data carries one pad byte that a frame leaves out; about 2.9 MB."""
+    colour, inside = RGB_SAMPLES[shape]
+    rows, columns = 979, 985
+    y, x = np.mgrid[:rows, :columns]
+    pixels = np.full((rows, columns, 3), 195, np.uint8)
+    pixels[inside(y, x)] = colour
+    ds = make_dataset(
+        study,
+        series,
+        rows=rows,
+        columns=columns,
+        SamplesPerPixel=3,
+        PhotometricInterpretation="RGB",
+        PlanarConfiguration=0,
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+        PixelData=pixels.tobytes(),
+        PatientName="Anony Mous",
+        ImageComments=f"Fake DICOM - {shape.replace('-', ' ').title()}",
+        **attributes,
+    )
+    ds["PixelData"].VR = "OB"  # make_dataset's 16-bit pixels made it OW
+    return ds
+
+
+def make_rgb_samples(study: str | None = None) -> list[FileDataset]:
+    """The three samples as Azure ships them: one study, red and green in one series, blue in another."""
+    study = study or new_uid()
+    series = new_uid()
+    return [
+        make_rgb_sample("red-triangle", study, series, InstanceNumber=1),
+        make_rgb_sample("green-square", study, series, InstanceNumber=2),
+        make_rgb_sample("blue-circle", study, InstanceNumber=1),
+    ]
+
+
 def to_bytes(ds: FileDataset) -> bytes:
     buffer = io.BytesIO()
     ts = UID(ds.file_meta.TransferSyntaxUID)

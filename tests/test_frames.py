@@ -14,9 +14,9 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 
+from tests.factory import make_rgb_samples
 from tests.servers import Server
 from tests.test_wado import (
-    AZURE_SAMPLES,
     BIG,
     DEFLATED,
     EXPLICIT,
@@ -24,7 +24,6 @@ from tests.test_wado import (
     J2K,
     J2K_LOSSLESS,
     JPEG_BASELINE,
-    SHARED_DATA,
     Stored,
     assert_media,
     generated,
@@ -34,6 +33,7 @@ from tests.test_wado import (
     reuid,
     split_media_type,
     store,
+    stored,
 )
 
 OCTET = "application/octet-stream"
@@ -342,7 +342,7 @@ def test_encapsulated_frame_grouping(http, fragments_per_frame, bot):
 
 
 def test_azure_samples_frame_is_the_pixels_without_padding(http, dicomweb):
-    samples = [reuid(SHARED_DATA / name) for name in AZURE_SAMPLES]
+    samples = [stored(ds) for ds in make_rgb_samples()]
     store(http, *samples)
     for inst in samples:
         assert len(inst.ds.PixelData) == 2_892_946  # even length: one pad byte

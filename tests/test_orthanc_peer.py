@@ -16,12 +16,11 @@ import httpx
 import pydicom
 import pytest
 
-from tests.factory import make_dataset, to_bytes
+from tests.factory import make_dataset, make_rgb_sample, to_bytes
 from tests.servers import Server, free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,8 @@ def _upload(orthanc: httpx.Client, data: bytes) -> str:
 
 def test_orthanc_stows_searches_reads_metadata_and_retrieves(orthanc: httpx.Client, http: httpx.Client):
     ds = make_dataset(PatientName="Peer^Orthanc", AccessionNumber="PEER-1", rows=64, columns=64)
-    sample = pydicom.dcmread(SAMPLES / "blue-circle.dcm")
-    ids = [_upload(orthanc, to_bytes(ds)), _upload(orthanc, (SAMPLES / "blue-circle.dcm").read_bytes())]
+    sample = make_rgb_sample("blue-circle")  # 2.9 MB: Orthanc sends it chunked
+    ids = [_upload(orthanc, to_bytes(ds)), _upload(orthanc, to_bytes(sample))]
 
     stow = orthanc.post("/dicom-web/servers/dicomhub/stow", json={"Resources": ids, "Synchronous": True})
     assert stow.status_code == 200, stow.text

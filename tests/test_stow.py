@@ -1,13 +1,12 @@
 """STOW-RS end to end: response datasets, status codes and failure codes as Azure's DICOM service answers them.
 
 Every test talks HTTP to a real server (SQLite and PostgreSQL) and uses fresh UIDs, so tests never see each other's
-instances. Files with fixed UIDs (pydicom's test files, the shared Azure samples) get new UIDs first.
+instances. Files with fixed UIDs (pydicom's test files) get new UIDs first.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +21,22 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
-from tests.factory import make_dataset, make_instance, multipart, new_uid, to_bytes
+from tests.factory import (
+    RGB_SAMPLES,
+    make_dataset,
+    make_instance,
+    make_rgb_sample,
+    make_rgb_samples,
+    multipart,
+    new_uid,
+    to_bytes,
+)
 from tests.servers import Server
 
 DICOM_JSON = "application/dicom+json"
 ACCEPT = {"Accept": DICOM_JSON}
 SINGLE = {"Accept": DICOM_JSON, "Content-Type": "application/dicom"}
 ANY_SYNTAX = {"Accept": "application/dicom; transfer-syntax=*"}
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Several tests write invalid values on purpose; pydicom warns about each when it encodes them.
 pytestmark = [
@@ -114,10 +121,10 @@ def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
     return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
 
 
-def with_new_uids(raw: bytes, mapping: dict[str, str] | None = None) -> bytes:
+def with_new_uids(raw: bytes) -> bytes:
     """The same file with Study/Series/SOP Instance UIDs replaced by fresh ones of equal length (same byte layout)."""
     ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
-    mapping = {} if mapping is None else mapping
+    mapping: dict[str, str] = {}
     for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
         uid = str(uid).rstrip("\0 ")
         if uid not in mapping:
@@ -774,28 +781,24 @@ def test_preamble_is_zeroed_and_everything_else_kept(http):
     assert stored[128:] == bytes(sent[128:])
 
 
-@pytest.mark.parametrize("name", ["red-triangle.dcm", "green-square.dcm", "blue-circle.dcm"])
-def test_shared_sample_files_round_trip_byte_for_byte(http, name):
-    data = with_new_uids((SHARED_DATA / name).read_bytes())
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+@pytest.mark.parametrize("shape", list(RGB_SAMPLES))
+def test_rgb_sample_files_round_trip_byte_for_byte(http, shape):
+    """Azure's sample files (2.9 MB, odd-length pixel data padded to even), stored single part."""
+    ds = make_rgb_sample(shape)
+    data = to_bytes(ds)
     response = store(http, "v2", data)
     assert response.status_code == 200, response.text
     assert fetch(http, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == data
 
 
-def test_shared_sample_files_in_one_multipart_request(http):
-    mapping: dict[str, str] = {}
-    files = [
-        with_new_uids((SHARED_DATA / n).read_bytes(), mapping)
-        for n in sorted(os.listdir(SHARED_DATA))
-        if n.endswith(".dcm")
-    ]
-    assert len(files) == 3
+def test_rgb_sample_files_in_one_multipart_request(http):
+    """The three samples (one study, two series, about 8.7 MB) in one request, each kept byte for byte."""
+    samples = make_rgb_samples()
+    files = [to_bytes(ds) for ds in samples]
     response = store_parts(http, "v1", files)
     assert response.status_code == 200, response.text
     assert len(referenced_items(response.json())) == 3
-    for data in files:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    for ds, data in zip(samples, files, strict=True):
         assert fetch(http, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == data
 
 

@@ -1,6 +1,7 @@
-"""Transcoding on retrieve, against a real server: every decodable file of pydicom's bundled test data (and the shared
-samples) stored, retrieved in other syntaxes and decoded again with pydicom; frames of multi-frame files made with
-independent encoders (DCMTK, pydicom) retrieved in each frame media type; the decode size limit.
+"""Transcoding on retrieve, against a real server: every decodable file of pydicom's bundled test data (and three
+generated 2.9 MB RGB files like Azure's samples) stored, retrieved in other syntaxes and decoded again with pydicom;
+frames of multi-frame files made with independent encoders (DCMTK, pydicom) retrieved in each frame media type; the
+decode size limit.
 
 Pixels must match exactly for lossless targets and within a PSNR bound for lossy ones; the part Content-Type must
 name the syntax sent; the file meta and every attribute but the image pixel description must be unchanged.
@@ -24,13 +25,11 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
-from tests.factory import make_dataset, new_uid
+from tests.factory import RGB_SAMPLES, make_dataset, make_rgb_sample, new_uid
 from tests.servers import Server
 from tests.test_wado import (
-    AZURE_SAMPLES,
     BULK_VRS,
     MULTI_DICOM,
-    SHARED_DATA,
     Stored,
     assert_media,
     parse_multipart,
@@ -86,9 +85,9 @@ def _decoded(ds: Dataset, index: int | None = None) -> np.ndarray | None:
 
 
 def decodable_files() -> list[Path]:
-    """Bundled pydicom files (and the shared samples) with file meta, UIDs and pixel data pydicom can decode."""
+    """Bundled pydicom files with file meta, UIDs and pixel data pydicom can decode."""
     found = []
-    for path in sorted(PYDICOM_FILES.glob("*.dcm")) + [SHARED_DATA / name for name in AZURE_SAMPLES]:
+    for path in sorted(PYDICOM_FILES.glob("*.dcm")):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -107,6 +106,7 @@ def decodable_files() -> list[Path]:
 
 
 FILES = decodable_files()
+NAMES = [path.name for path in FILES] + list(RGB_SAMPLES)  # the corpus: pydicom's files, then the generated ones
 # Every target for a representative subset: each source syntax, colour spaces, bit depths, multi-frame
 CROSS = [
     "MR_small.dcm",  # 16-bit signed, explicit LE
@@ -205,10 +205,11 @@ def assert_transcoded(data: bytes, inst: Stored, target: str) -> None:
 # -- whole instances -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(server: Server) -> dict[str, Stored]:
-    """Every decodable file, re-UIDed and stored."""
+    """Every decodable file, re-UIDed, and the generated RGB files, stored."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         instances = {path.name: reuid(path) for path in FILES}
+    instances.update({shape: stored(make_rgb_sample(shape)) for shape in RGB_SAMPLES})
     with httpx.Client(base_url=server.url, timeout=120) as client:
         names = list(instances)
         for i in range(0, len(names), 16):
@@ -243,12 +244,12 @@ def check_target(http: httpx.Client, inst: Stored, target: str, multipart: bool 
 
 def lossless_target(name: str, ds: Dataset) -> str:
     """A compressed lossless target for ``name``, rotating over the syntaxes so each gets a share of the files."""
-    start = FILES.index(next(p for p in FILES if p.name == name))
+    start = NAMES.index(name)
     candidates = COMPRESSED_LOSSLESS[start % 5 :] + COMPRESSED_LOSSLESS[: start % 5]
     return next((t for t in candidates if t != ds.file_meta.TransferSyntaxUID and encodable(ds, t)), candidates[0])
 
 
-@pytest.mark.parametrize("name", [path.name for path in FILES])
+@pytest.mark.parametrize("name", NAMES)
 def test_every_decodable_file_round_trips(http, corpus, name):
     """Explicit VR LE and one compressed lossless syntax (or a 406 where none can hold the pixels)."""
     inst = corpus[name]

@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tests.factory import make_dataset, multipart, new_uid, to_bytes
+from tests.factory import make_dataset, make_rgb_samples, multipart, new_uid, to_bytes
 from tests.servers import Server
 
 IMPLICIT = str(ImplicitVRLittleEndian)
@@ -32,8 +32,6 @@ J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 J2K = "1.2.840.10008.1.2.4.91"
 MPEG2 = "1.2.840.10008.1.2.4.100"
 UNCOMPRESSED = [IMPLICIT, EXPLICIT, BIG]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-AZURE_SAMPLES = ["red-triangle.dcm", "green-square.dcm", "blue-circle.dcm"]
 BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 TOO_LARGE = (
     "Requested DICOM instance size is above the supported limit of {limit}. The entire instance can be retrieved "
@@ -576,12 +574,11 @@ def test_padded_uid_in_path_matches(http, study):
     assert response.content == inst.data
 
 
-# -- the Azure sample files ------------------------------------------------------------------------------------------
+# -- files like the Azure samples (RGB, 2.9 MB each) ------------------------------------------------------------------
 def test_azure_samples_round_trip(http):
-    study_uid = new_uid()
-    samples = [reuid(SHARED_DATA / name, study_uid) for name in AZURE_SAMPLES]
+    samples = [stored(ds) for ds in make_rgb_samples()]
     store(http, *samples)
-    response = http.get(f"/v2/studies/{study_uid}", headers={"Accept": "*/*"})
+    response = http.get(f"/v2/studies/{samples[0].study}", headers={"Accept": "*/*"})
     assert response.status_code == 200
     parts = parse_multipart(response)
     assert sorted(p.data for p in parts) == sorted(s.data for s in samples)
