@@ -1,4 +1,4 @@
-"""The ``dicomhub`` command: serve, migrate, import."""
+"""The ``dicomhub`` command: serve, worker, migrate, import, sample."""
 
 from __future__ import annotations
 
@@ -100,6 +100,25 @@ def migrate_command() -> None:
     settings = Settings()
     migrate(settings.index_url)
     console.print(f"index at revision head: {settings.index_url.split('@')[-1]}")
+
+
+@app.command()
+def sample(path: Path = typer.Argument(Path("sample.dcm"), help="File to write.")) -> None:
+    """Write a small DICOM file to try the server with and print its StudyInstanceUID.
+
+    It is pydicom's bundled CT_small.dcm (128 x 128 CT, patient CompressedSamples^CT1) with new Study, Series and SOP
+    Instance UIDs, so every file written can be stored.
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = generate_uid(prefix=None)
+    ds.SeriesInstanceUID = generate_uid(prefix=None)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=None)
+    ds.save_as(path, enforce_file_format=True)
+    typer.echo(ds.StudyInstanceUID)
 
 
 @dataclass

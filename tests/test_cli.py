@@ -1,4 +1,5 @@
-"""The ``dicomhub`` command line: help texts and ``dicomhub import`` into a data folder a server then serves."""
+"""The ``dicomhub`` command line: help texts, ``dicomhub import`` into a data folder a server then serves, and
+``dicomhub sample`` (the README's tour)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 
 from tests.factory import make_dataset, make_instance, new_uid, to_bytes
@@ -45,6 +47,7 @@ def test_help_texts(tmp_path):
         (["serve", "--help"], "--port"),
         (["import", "--help"], "--api-version"),
         (["migrate", "--help"], "schema"),
+        (["sample", "--help"], "StudyInstanceUID"),
     ]:
         result = run_cli(*args, data_dir=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -115,6 +118,38 @@ def test_import_tree_and_zip_then_serve(tmp_path, engine):
             assert studies[0]["00201208"]["Value"] == [7]
     finally:
         server.stop()
+
+
+def test_sample_file_is_stored_and_served(tmp_path, http):
+    """The README's tour: ``dicomhub sample`` writes a file with new UIDs each time and prints its study UID."""
+    first, second = tmp_path / "sample.dcm", tmp_path / "again.dcm"
+    printed = []
+    for path in (first, second):
+        result = run_cli("sample", str(path), data_dir=tmp_path)
+        assert result.returncode == 0, result.stderr
+        printed.append(result.stdout.strip())
+    ds = pydicom.dcmread(first)
+    assert printed[0] == ds.StudyInstanceUID and printed[0] != printed[1]
+    assert (ds.Modality, ds.Rows, ds.Columns, str(ds.PatientName)) == ("CT", 128, 128, "CompressedSamples^CT1")
+
+    sent = first.read_bytes()
+    response = http.post("/v2/studies", content=sent, headers={"Content-Type": "application/dicom", **ACCEPT})
+    assert response.status_code == 200, response.text
+    [stored] = response.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [ds.SOPInstanceUID]
+    params = {"PatientName": "compressed*", "StudyInstanceUID": printed[0]}  # the tour's search, for this study
+    found = http.get("/v2/studies", params={**params, "includefield": "NumberOfStudyRelatedInstances"}, headers=ACCEPT)
+    assert found.status_code == 200, found.text
+    assert [study["00201208"]["Value"] for study in found.json()] == [[1]]
+    metadata = http.get(f"/v2/studies/{printed[0]}/metadata", headers=ACCEPT)
+    assert metadata.status_code == 200, metadata.text
+    [model] = metadata.json()
+    assert model["0020000D"]["Value"] == [printed[0]] and model["00100020"]["Value"] == ["1CT1"]
+    fetched = http.get(
+        f"/v2/studies/{printed[0]}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}", headers=ANY_SYNTAX
+    )
+    assert fetched.status_code == 200
+    assert fetched.content[128:] == sent[128:]  # the server zeroes the preamble (CT_small.dcm's is a TIFF header)
 
 
 def test_import_exit_codes_and_strict_validation(tmp_path):
