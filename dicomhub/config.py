@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_decoded_size: int = Field(
         512 * 1024**2, description="Largest decoded pixel data (rows x columns x samples x bytes x frames) handled."
     )
+    max_sequence_depth: int = Field(
+        32, description="Deepest nesting of sequences a stored file may have; a deeper one is refused (43264)."
+    )
     thumbnail_size: int = Field(128, description="Thumbnails fit in this many pixels square unless viewport is given.")
     thumbnail_cache_size: int = Field(
         256 * 1024**2, description="Bytes of encoded thumbnails kept under data_dir/thumbnails (0: no cache)."
