@@ -30,6 +30,7 @@ from dicomhub.api import (
     wado,
 )
 from dicomhub.api.errors import install_error_handlers
+from dicomhub.auth.middleware import install_security
 from dicomhub.config import Settings
 from dicomhub.services import Services, build_services
 
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(extended_tags.router)  # global: no partition route
     app.include_router(health.router)
 
+    install_security(app, settings)  # inside the request log and CORS: refusals are logged and carry CORS
     app.add_middleware(ObserveMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
@@ -140,6 +142,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["ETag", "Content-Location", "Location", "Warning", "Content-Range", "Accept-Ranges"],
+            expose_headers=[
+                "ETag",
+                "Content-Location",
+                "Location",
+                "Warning",
+                "Content-Range",
+                "Accept-Ranges",
+                "WWW-Authenticate",
+                "Retry-After",
+                "X-Request-Id",
+            ],
         )
     return app

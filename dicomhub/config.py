@@ -71,6 +71,25 @@ class Settings(BaseSettings):
     reindex_batch_size: int = Field(
         1000, description="Instance watermarks per re-index task (the unit a crashed worker redoes)."
     )
+    auth_enabled: bool = Field(False, description="Require OpenID Connect bearer tokens and check roles on every route.")
+    auth_authority: str | None = Field(
+        None, description="Token issuer URL; keys come from its /.well-known/openid-configuration jwks_uri."
+    )
+    auth_audience: str | None = Field(None, description="Accepted token audience; a comma list accepts any of them.")
+    auth_roles_claim: str = Field(
+        "roles", description="Claim holding the caller's role names (a dotted path reaches into objects)."
+    )
+    auth_clock_skew: float = Field(5.0, description="Seconds of leeway on the token's exp and nbf.")
+    auth_keys_refetch_seconds: float = Field(
+        30.0, description="Least time between two fetches of the issuer's keys (an unknown kid triggers one)."
+    )
+    roles_file: Path | None = Field(
+        None, description="Roles in Azure's roles.json shape (dataActions, notDataActions); replaces the built-in ones."
+    )
+    metrics_require_auth: bool = Field(False, description="With auth on, /metrics needs a valid token too.")
+    audit_log: str | None = Field(
+        None, description="Audit log destination: a file path, or '-' for stdout; no audit when unset."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Write logs as JSON lines.")
 

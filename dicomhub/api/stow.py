@@ -19,6 +19,7 @@ from dicomhub.api.media import (
     stow_boundary,
 )
 from dicomhub.api.responses import json_response
+from dicomhub.auth.audit import record_stored_instances
 from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from dicomhub.domain.store import StoreResult
 
@@ -68,6 +69,7 @@ async def _store(request: Request, ctx: RequestContext, study: str | None) -> Re
         return ctx.services.store.store_many(partition, [p.staged for p in parts], ctx.api_version, study)
 
     results = await run_in_threadpool(store_all)
+    record_stored_instances(request, results)
     status, dataset = stow_response(results, ctx.base_url(), study, ctx.api_version)
     headers = {}
     if any(r.multiple_values_indexed for r in results if r.stored):
