@@ -29,9 +29,15 @@ ANY_DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-sy
 ONE_DICOM = {"Accept": "application/dicom; transfer-syntax=*"}
 DICOM_JSON = {"Accept": "application/dicom+json"}
 NEW_NAME = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Updated^Person"}]}}
+PN_SHAPE = "A value of VR PN must be a JSON object of 'Alphabetic', 'Ideographic' and 'Phonetic' strings."
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
+def failed_attributes(comments: list[str]) -> dict:
+    """Azure's 400 body for a change dataset: one Error Comment per problem in a Failed Attributes Sequence."""
+    return {"00741048": {"vr": "SQ", "Value": [{"00000902": {"vr": "LO", "Value": [c]}} for c in comments]}}
+
+
 def store(http: httpx.Client, parts: list[bytes], prefix: str = "/v2") -> None:
     content_type, body = multipart(parts)
     response = http.post(f"{prefix}/studies", content=body, headers={"Content-Type": content_type, **DICOM_JSON})
@@ -155,6 +161,80 @@ def test_unsupported_tags_and_invalid_values_answer_a_failed_attributes_dataset(
     }
 
 
+@pytest.mark.parametrize(
+    ("value", "comment"),
+    [
+        ({"vr": "PN", "InlineBinary": "AAAA"}, "The value must be given as 'Value', not as 'InlineBinary'."),
+        ({"vr": "PN", "Value": [5]}, PN_SHAPE),
+        ({"vr": "PN", "Value": ["Plain^String"]}, PN_SHAPE),
+        ({"vr": "PN", "Value": [{"Alphabetic": {"x": 1}}]}, PN_SHAPE),
+        ({"vr": "PN", "Value": [{"Nickname": "Bob"}]}, PN_SHAPE),
+        ({"vr": "PN", "Value": {"Alphabetic": "A^B"}}, "'Value' must be a JSON array."),
+    ],
+)
+def test_change_values_of_the_wrong_json_type_are_refused(http: httpx.Client, value: dict, comment: str) -> None:
+    """A value pydicom would keep as it is (bytes, a number, an object) must never reach the stored operation: the
+    InlineBinary of a PN was a 500 (bytes are not JSON serializable) when the operation was created."""
+    response = http.post(BULK, json={"studyInstanceUids": [new_uid()], "changeDataset": {"00100010": value}})
+    assert response.status_code == 400, response.text
+    assert response.json() == failed_attributes([f"DICOM100: (0010,0010) - {comment}"])
+
+
+def test_change_values_are_checked_against_the_json_types_of_their_vr(http: httpx.Client) -> None:
+    change = {
+        "00100020": {"vr": "LO", "Value": [{"a": 1}]},  # PatientID
+        "00100030": {"vr": "DA", "Value": [20240101]},  # PatientBirthDate
+        "00100040": {"vr": "CS", "Value": [True]},  # PatientSex
+        "00101020": {"vr": "DS", "Value": [False]},  # PatientSize: a number, but not a boolean
+        "00101030": {"vr": "DS", "Value": [72.5]},  # PatientWeight: fine
+        "00081030": {"vr": "LO", "BulkDataURI": "http://example.org/x"},  # StudyDescription
+        "00104000": {"vr": "LT", "Value": [["nested"]]},  # PatientComments
+    }
+    response = http.post(BULK, json={"studyInstanceUids": [new_uid()], "changeDataset": change})
+    assert response.status_code == 400, response.text
+    assert response.json() == failed_attributes(
+        [
+            "DICOM100: (0010,0020) - A value of VR LO must be a JSON string.",
+            "DICOM100: (0010,0030) - A value of VR DA must be a JSON string.",
+            "DICOM100: (0010,0040) - A value of VR CS must be a JSON string.",
+            "DICOM100: (0010,1020) - A value of VR DS must be a JSON number or string.",
+            "DICOM100: (0008,1030) - The value must be given as 'Value', not as 'BulkDataURI'.",
+            "DICOM100: (0010,4000) - A value of VR LT must be a JSON string.",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 1000 + b"]" * 1000,
+        b'{"studyInstanceUids": ["1.2.3"], "changeDataset": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001,
+        b'{"studyInstanceUids": ["1.2.3"], "changeDataset": {"00101030": {"vr": "DS", "Value": [NaN]}}}',
+        b'{"studyInstanceUids": ["1.2.3"], "changeDataset": {"00101030": {"vr": "DS", "Value": [1e999]}}}',
+    ],
+)
+def test_deep_or_non_standard_json_is_a_syntax_error(http: httpx.Client, body: bytes) -> None:
+    """JSON nested ~1000 deep was a RecursionError (500); NaN and infinities are not JSON (PostgreSQL refuses them)."""
+    response = http.post(BULK, content=body, headers=JSON)
+    assert (response.status_code, response.text) == (400, "The syntax of the request body is invalid.")
+
+
+def test_change_keys_must_be_eight_hex_digits(http: httpx.Client) -> None:
+    """``int(key, 16)`` also reads '+0100010' or ' 0100010' as PatientName."""
+    for key in ("+0100010", " 0100010", "0010_010", "\uff10\uff10\uff11\uff10\uff10\uff10\uff11\uff10"):
+        response = http.post(
+            BULK, json={"studyInstanceUids": [new_uid()], "changeDataset": {key: NEW_NAME["00100010"]}}
+        )
+        assert response.status_code == 400, (key, response.text)
+        assert response.text == f"The field 'changeDataset' in request body is invalid: '{key}' is not a DICOM tag."
+
+
+def test_a_body_over_one_megabyte_is_413(http: httpx.Client) -> None:
+    body = json.dumps({"studyInstanceUids": [STUDY], "changeDataset": NEW_NAME, "padding": "x" * (1 << 20)})
+    response = http.post(BULK, content=body.encode(), headers=JSON)
+    assert (response.status_code, response.text) == (413, "The request body is larger than the limit of 1048576 bytes.")
+
+
 def test_v1_has_no_bulk_update_and_the_body_must_be_json(http: httpx.Client) -> None:
     body = {"studyInstanceUids": [new_uid()], "changeDataset": NEW_NAME}
     assert http.post("/v1/studies/$bulkUpdate", json=body).status_code == 404
@@ -165,7 +245,8 @@ def test_v1_has_no_bulk_update_and_the_body_must_be_json(http: httpx.Client) -> 
 
 def test_unknown_study_succeeds_with_nothing_updated(http: httpx.Client) -> None:
     results = update(http, [new_uid()], NEW_NAME)
-    assert results == {"studyProcessed": 1, "studyUpdated": 1, "studyFailed": 0, "instanceUpdated": 0}
+    # Azure's WhenUpdatingForAUnknownStudy_ThenItShouldCompleteOperationSuccessfully: processed, but not updated
+    assert results == {"studyProcessed": 1, "studyUpdated": 0, "studyFailed": 0, "instanceUpdated": 0}
 
 
 # -- the update itself ----------------------------------------------------------------------------------------------

@@ -10,24 +10,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, studies_context
+from dicomhub.api.json_body import read_json_body
 from dicomhub.api.operations import operation_reference
 from dicomhub.api.responses import json_response
 from dicomhub.domain.bulk_update import ChangeDatasetInvalid, parse_update_request, start_update
-from dicomhub.domain.errors import PayloadTooLarge, UnsupportedMediaType
+from dicomhub.domain.errors import UnsupportedMediaType
 
 router = APIRouter(tags=["Bulk update"])
 
 JSON = "application/json"
-MAX_BODY = 1024 * 1024  # 50 UIDs and 36 attributes fit many times over
-
-
-async def _body(request: Request) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {MAX_BODY} bytes.")
-    return bytes(body)
 
 
 # Azure's route is matched case-insensitively; clients write it as documented or, like Azure's Postman
@@ -41,7 +32,7 @@ async def bulk_update(request: Request, ctx: RequestContext = Depends(studies_co
     if content_type != JSON:
         raise UnsupportedMediaType(f"The content type '{content_type}' is not supported; use '{JSON}'.")
     try:
-        update = parse_update_request(await _body(request))
+        update = parse_update_request(await read_json_body(request))
     except ChangeDatasetInvalid as invalid:
         return json_response(request, invalid.dataset(), status_code=400, media_type=JSON)
     operation = await run_in_threadpool(start_update, ctx.services.operations, ctx.partition(), update)

@@ -3,7 +3,6 @@ the indexing errors of a tag. Global: there is no partition variant of these rou
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -12,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import PlainTextResponse, Response
 
 from dicomhub.api.context import version_of
+from dicomhub.api.json_body import read_json_body
 from dicomhub.api.operations import operation_reference, version_root
 from dicomhub.api.responses import json_response
 from dicomhub.domain.errors import InvalidRequest, UnsupportedMediaType
@@ -21,7 +21,7 @@ from dicomhub.index.extended_tags import ExtendedTag, TagError
 from dicomhub.index.schema import EXTENDED_ADDING
 
 router = APIRouter(prefix="/v{version}/extendedquerytags", tags=["Extended query tags"])
-_INTEGER = re.compile(r"^[0-9]{1,18}$")
+_INTEGER = re.compile(r"[0-9]{1,18}")
 
 
 def _service(request: Request) -> ExtendedTagService:
@@ -33,9 +33,9 @@ def _paging(request: Request) -> tuple[int, int]:
     """``limit`` 1..200 (default 100) and ``offset`` >= 0, with the query-model messages of Azure."""
     values = {k.lower(): v for k, v in request.query_params.items()}
     limit, offset = values.get("limit", "100"), values.get("offset", "0")
-    if not _INTEGER.match(limit) or not 1 <= int(limit) <= 200:
+    if not _INTEGER.fullmatch(limit) or not 1 <= int(limit) <= 200:
         raise InvalidRequest("The query parameter 'limit' is invalid. The field Limit must be between 1 and 200.")
-    if not _INTEGER.match(offset):
+    if not _INTEGER.fullmatch(offset):
         raise InvalidRequest("The query parameter 'offset' is invalid. The field Offset must be 0 or greater.")
     return int(limit), int(offset)
 
@@ -44,10 +44,7 @@ async def _json_body(request: Request) -> Any:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"The content type '{content_type}' is not supported; use application/json.")
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The syntax of the request body is invalid.") from None
+    return await read_json_body(request)
 
 
 def tag_json(request: Request, tag: ExtendedTag) -> dict[str, Any]:

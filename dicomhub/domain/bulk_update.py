@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from dicomhub.dicom.tags import tag_key
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.dicom.validation import element_error, error_comment
 from dicomhub.domain.attributes import indexed_values
-from dicomhub.domain.errors import InvalidRequest
+from dicomhub.domain.errors import BodySyntaxInvalid, InvalidRequest
 from dicomhub.domain.extended_tags import extract_values
 from dicomhub.domain.operations import Operation, OperationService, OperationStatus, OperationType, TaskLease
 from dicomhub.domain.store import blob_key
@@ -96,8 +97,10 @@ UPDATABLE_KEYWORDS = (
 )
 UPDATABLE_TAGS = frozenset(int(pydicom.datadict.tag_for_keyword(k)) for k in UPDATABLE_KEYWORDS)
 
-SYNTAX_INVALID = "The syntax of the request body is invalid."
 NOT_UPDATABLE = "Updating the tag is not supported"
+_TAG_KEY = re.compile(r"[0-9A-Fa-f]{8}")
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+_NUMBER_VRS = ("DS", "IS")  # JSON numbers, or strings as pydicom and fo-dicom also read them
 EMPTY_NOT_SUPPORTED = "Updating the tag to an empty value is not supported"
 
 
@@ -120,20 +123,16 @@ class UpdateRequest:
     change: dict[str, Any]  # DICOM JSON of the change dataset, as the metadata stores it
 
 
-def parse_update_request(body: bytes) -> UpdateRequest:
-    """Validates a ``$bulkUpdate`` body (property names are case-insensitive)."""
-    try:
-        document = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError):
-        document = None
+def parse_update_request(document: Any) -> UpdateRequest:
+    """Validates a parsed ``$bulkUpdate`` body (property names are case-insensitive)."""
     if not isinstance(document, dict):
-        raise InvalidRequest(SYNTAX_INVALID)
+        raise BodySyntaxInvalid()
     fields = {str(k).lower(): v for k, v in document.items()}
     uids, change = fields.get("studyinstanceuids"), fields.get("changedataset")
     if uids is None or uids == []:
         raise InvalidRequest("The required field 'StudyInstanceUids' is missing or empty.")
     if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
-        raise InvalidRequest(SYNTAX_INVALID)
+        raise BodySyntaxInvalid()
     if len(uids) > MAX_STUDIES:
         raise InvalidRequest(f"StudyInstanceUids count exceeded maximum length '{MAX_STUDIES}'")
     for uid in uids:
@@ -142,7 +141,7 @@ def parse_update_request(body: bytes) -> UpdateRequest:
     if change is None or change == {}:
         raise InvalidRequest("The required field 'ChangeDataset' is missing or empty.")
     if not isinstance(change, dict):
-        raise InvalidRequest(SYNTAX_INVALID)
+        raise BodySyntaxInvalid()
     study_uids = list(dict.fromkeys(normalize_uid(u) for u in uids))  # a study listed twice is updated once
     return UpdateRequest(study_uids, _checked_change(change))
 
@@ -153,12 +152,9 @@ def _checked_change(change: dict[str, Any]) -> dict[str, Any]:
     comments: list[str] = []
     checked: dict[str, Any] = {}
     for key, value in change.items():
-        try:
-            tag = int(key, 16) if len(key) == 8 else -1
-        except ValueError:
-            tag = -1
-        if tag < 0:
+        if not _TAG_KEY.fullmatch(key):
             raise InvalidRequest(f"The field 'changeDataset' in request body is invalid: '{key}' is not a DICOM tag.")
+        tag = int(key, 16)
         if tag not in UPDATABLE_TAGS:
             comments.append(error_comment(tag, NOT_UPDATABLE))
             continue
@@ -176,6 +172,9 @@ def _checked_element(tag: int, value: Any) -> tuple[str | None, dict[str, Any]]:
     expected = dictionary_VR(tag)
     if not isinstance(value, dict) or value.get("vr") != expected:
         return f"The attribute must be given as DICOM JSON with VR '{expected}'.", {}
+    problem = _json_type_error(expected, value)
+    if problem:
+        return problem, {}
     try:
         ds = Dataset.from_json({tag_key(tag): value})
         elem = ds[tag]
@@ -188,6 +187,31 @@ def _checked_element(tag: int, value: Any) -> tuple[str | None, dict[str, Any]]:
         return problem, {}
     model, failed = dataset_to_json(ds)
     return (f"The value of the tag cannot be represented: {value!r}", {}) if failed else (None, model)
+
+
+def _json_type_error(vr: str, element: dict[str, Any]) -> str | None:
+    """Why a DICOM JSON element does not hold the JSON types its VR takes (PS3.18 F.2), or ``None``: pydicom would
+    otherwise keep a number, an object or InlineBinary bytes as the value of a text attribute."""
+    other = next((key for key in element if key not in ("vr", "Value")), None)
+    if other is not None:
+        return f"The value must be given as 'Value', not as '{other}'."
+    values = element.get("Value")
+    if values is None:
+        return None  # no value: refused as an empty update
+    if not isinstance(values, list):
+        return "'Value' must be a JSON array."
+    for item in values:
+        if item is None:
+            continue
+        if vr == "PN":
+            if not (isinstance(item, dict) and all(k in _PN_GROUPS and isinstance(v, str) for k, v in item.items())):
+                return "A value of VR PN must be a JSON object of 'Alphabetic', 'Ideographic' and 'Phonetic' strings."
+        elif vr in _NUMBER_VRS:
+            if isinstance(item, bool) or not isinstance(item, int | float | str):
+                return f"A value of VR {vr} must be a JSON number or string."
+        elif not isinstance(item, str):
+            return f"A value of VR {vr} must be a JSON string."
+    return None
 
 
 def start_update(operations: OperationService, partition: Partition, request: UpdateRequest) -> Operation:
@@ -259,11 +283,12 @@ class BulkUpdateHandler:
         return {"study": study_uid, "instances": len(candidates), "updated": updated, "errors": errors}
 
     def finish(self, operation: Operation, results: list[dict[str, Any]]) -> tuple[OperationStatus, dict | None]:
-        """Azure's counts: a study is processed once its task ran, failed when an instance could not be updated."""
+        """Azure's counts: a study is processed once its task ran, failed when an instance could not be updated, and
+        updated when it had instances and all were updated (an unknown study is processed but not updated)."""
         failed = [r for r in results if r["errors"]]
         summary: dict[str, Any] = {
             "studyProcessed": len(results),
-            "studyUpdated": len(results) - len(failed),
+            "studyUpdated": sum(1 for r in results if r["updated"] and not r["errors"]),
             "studyFailed": len(failed),
             "instanceUpdated": sum(r["updated"] for r in results),
         }

@@ -15,6 +15,13 @@ class InvalidRequest(DicomHubError):
     """The request itself is malformed (bad UID, bad query, bad parameter)."""
 
 
+class BodySyntaxInvalid(InvalidRequest):
+    """A request body that is not JSON of the expected shape: Azure answers one message for all of them."""
+
+    def __init__(self) -> None:
+        super().__init__("The syntax of the request body is invalid.")
+
+
 class ResourceNotFound(DicomHubError):
     """The addressed study, series, instance, frame or partition does not exist."""
 
