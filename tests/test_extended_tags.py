@@ -189,6 +189,40 @@ def test_add_rejects_bad_bodies(http: httpx.Client) -> None:
     assert http.get("/v2/partitions/Microsoft.Default/extendedquerytags").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 1000 + b"]" * 1000,  # a RecursionError: it was a 500
+        b'[{"path": "StationName", "level": "Series", "x": ' + b"[" * 100 + b"]" * 100 + b"}]",
+        b'[{"path": "StationName", "level": "Series", "x": NaN}]',
+        b"\xff\xfe[",
+    ],
+)
+def test_deep_or_non_standard_json_bodies_are_syntax_errors(http: httpx.Client, body: bytes) -> None:
+    headers = {"Content-Type": "application/json"}
+    for response in (
+        http.post("/v2/extendedquerytags", content=body, headers=headers),
+        http.patch("/v2/extendedquerytags/StationName", content=body, headers=headers),
+    ):
+        assert rejected(response) == "The syntax of the request body is invalid."
+        assert response.headers["content-type"].startswith("text/plain")
+
+
+def test_bodies_over_one_megabyte_are_413(http: httpx.Client) -> None:
+    body = json.dumps([{"path": "StationName", "level": "Series", "padding": "x" * (1 << 20)}])
+    response = http.post("/v2/extendedquerytags", content=body, headers={"Content-Type": "application/json"})
+    assert rejected(response, 413) == "The request body is larger than the limit of 1048576 bytes."
+
+
+def test_paths_and_paging_with_a_trailing_line_feed_are_invalid(http: httpx.Client) -> None:
+    """``^...$`` with ``match`` lets a final line feed through: '00101010\\n' was looked up as a tag."""
+    assert rejected(http.get("/v2/extendedquerytags/00101010%0A")) == (
+        "The extended query tag path '00101010\n' is invalid."
+    )
+    assert "'limit' is invalid" in rejected(http.get("/v2/extendedquerytags", params={"limit": "5\n"}))
+    assert "'offset' is invalid" in rejected(http.get("/v2/extendedquerytags", params={"offset": "0\n"}))
+
+
 # -- add, re-index, QIDO -------------------------------------------------------------------------------------------
 def private_dataset(value: str, creator: str = "ACME 1.0", **attributes) -> Dataset:
     ds = make_dataset(**attributes)
@@ -299,6 +333,9 @@ def test_reindex_then_query_at_every_level(http: httpx.Client) -> None:
     for params, text in (
         ({"AcquisitionDateTime": "20240102+0100"}, "contains offset which is not supported"),
         ({"AcquisitionDateTime": "20241301"}, "is invalid for attribute 'AcquisitionDateTime'"),
+        ({"AcquisitionDateTime": "20240102\n"}, "is invalid for attribute 'AcquisitionDateTime'"),
+        ({"AcquisitionDateTime": "\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0662"}, "is invalid for attribute"),
+        ({"ContentTime": "1000\n"}, "is invalid for attribute 'ContentTime'"),
         ({"ContentTime": "25"}, "is invalid for attribute 'ContentTime'"),
         ({"ContentTime": "-"}, "Both parts in the range cannot be empty"),
         ({"InstanceNumber": "seven"}, "is not a valid IS value"),

@@ -14,7 +14,7 @@ from dicomhub.index.records import Partition
 from dicomhub.services import Services
 
 VERSIONS = {"1.0-prerelease": 1, "1": 1, "2": 2}
-_PARTITION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass
@@ -60,7 +60,7 @@ async def studies_context(request: Request) -> RequestContext:
         raise InvalidRequest("Data partitions feature is disabled.")
     if name is None and enabled:
         raise InvalidRequest("PartitionName value is missing in the route segment.")
-    if name is not None and not _PARTITION_NAME.match(name):
+    if name is not None and not _PARTITION_NAME.fullmatch(name):
         raise InvalidRequest("The specified PartitionName is invalid.")
     return RequestContext(request, services, version, name or DEFAULT_PARTITION)
 

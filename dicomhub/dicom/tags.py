@@ -6,12 +6,12 @@ import re
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 def parse_attribute_id(attribute_id: str) -> int | None:
     """An attribute id is 8 hex digits or a case-sensitive dictionary keyword; ``None`` when neither."""
-    if _HEX_TAG.match(attribute_id):
+    if _HEX_TAG.fullmatch(attribute_id):
         return int(attribute_id, 16)
     tag = tag_for_keyword(attribute_id)
     return int(tag) if tag is not None else None

@@ -16,7 +16,7 @@ from dicomhub.dicom.uids import is_valid_uid
 
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"})
 _CONTROL_ALLOWED = {"\x1b"}
-_DATE = re.compile(r"^[0-9]{8}$")
+_DATE = re.compile(r"[0-9]{8}")
 _PYDICOM_HINT = re.compile(r"\s*Please see <[^>]*> for allowed values for each VR\.?")
 DA_PATTERN_MESSAGE = "one of the date values does not match the pattern YYYYMMDD"
 
@@ -27,7 +27,7 @@ def invalid_character(name: str, vr: str) -> str:
 
 def _is_date(value: str) -> bool:
     """A DA value is a real calendar date written as YYYYMMDD (no ranges, no separators)."""
-    if not _DATE.match(value):
+    if not _DATE.fullmatch(value):
         return False
     try:
         datetime.strptime(value, "%Y%m%d")
@@ -87,8 +87,14 @@ def element_error(elem: DataElement, trim_nul: bool) -> str | None:
 
 def undecodable(tag: int, exc: Exception) -> str:
     """The error of an element whose bytes pydicom cannot turn into a value (bad VR, bad length, bad encoding)."""
-    detail = _PYDICOM_HINT.sub("", str(exc)).split("\n")[0][:200]
-    return f"Dicom element '{keyword_of(tag)}' could not be decoded: {detail}"
+    return f"Dicom element '{keyword_of(tag)}' could not be decoded: {pydicom_error(exc)}"
+
+
+def pydicom_error(exc: Exception) -> str:
+    """An error of pydicom's as one short line: its messages may carry whole tracebacks (its writer puts one in per
+    nesting level) and a link to the standard."""
+    text = _PYDICOM_HINT.sub("", str(exc)).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def decoded_elements(ds) -> Iterator[tuple[int, DataElement | None, Exception | None]]:
@@ -140,6 +146,7 @@ __all__ = [
     "element_error",
     "error_comment",
     "invalid_character",
+    "pydicom_error",
     "undecodable",
     "values_of",
 ]

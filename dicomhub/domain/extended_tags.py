@@ -58,16 +58,16 @@ SUPPORTED_VRS = frozenset(
 LEVELS = {"study": "study", "series": "series", "instance": "instance"}
 STATUS_NAMES = {EXTENDED_ADDING: "adding", EXTENDED_READY: "ready", EXTENDED_DELETING: "deleting"}
 REINDEX_CHUNK = 100  # instances per transaction inside a re-index task
-_HEX = re.compile(r"^[0-9A-Fa-f]{8}$")
-_DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?$")
-_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+_HEX = re.compile(r"[0-9A-Fa-f]{8}")
+_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?", re.ASCII)
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", re.ASCII)
 _INVALID_LO = re.compile(r"[\\\x00-\x1f]")
 
 
 # -- tag paths and new tags -------------------------------------------------------------------------------------------
 def parse_tag_path(text: str) -> str | None:
     """A tag path (8 hex digits or a keyword) as 8 upper-case hex digits; ``None`` when it is neither."""
-    if _HEX.match(text):
+    if _HEX.fullmatch(text):
         return text.upper()
     tag = tag_for_keyword(text)
     return f"{int(tag):08X}" if tag is not None else None
@@ -166,7 +166,7 @@ def _validate_entry(path: str, vr: Any, creator: Any) -> NewTag:
 # -- values -----------------------------------------------------------------------------------------------------------
 def normalize_datetime(value: str) -> str | None:
     """A DT value as ``YYYYMMDDHHMMSS.ffffff`` (missing parts at their minimum, UTC offset dropped); None if invalid."""
-    match = _DT.match(value)
+    match = _DT.fullmatch(value)
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, _ = match.groups()
@@ -180,7 +180,7 @@ def normalize_datetime(value: str) -> str | None:
 
 def normalize_time(value: str) -> str | None:
     """A TM value as ``HHMMSS.ffffff``; None if invalid."""
-    match = _TM.match(value)
+    match = _TM.fullmatch(value)
     if not match:
         return None
     hour, minute, second, fraction = match.groups()
