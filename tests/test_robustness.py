@@ -214,6 +214,88 @@ def test_malformed_stow_requests_are_4xx_with_a_message(http, content_type, body
     assert_client_error(response, status)
 
 
+BAD_BOUNDARY = "is invalid: it must be 1 to 70 printable ASCII characters"
+
+
+@pytest.mark.parametrize(
+    "boundary",
+    [
+        "b" * 71,
+        "b" * 300,  # python-multipart refuses over 256 with an exception of its own: it was a 500
+        '"unbalanced',
+        '"ends with a space "',
+        "back\\slash",
+        "tab\there",
+        "caf\xe9",
+    ],
+)
+def test_invalid_multipart_boundaries_are_400(http, boundary):
+    content_type, body = multipart([make_instance()], boundary="b0")
+    header = f'multipart/related; type="application/dicom"; boundary={boundary}'.encode("latin-1")
+    body = body.replace(b"--b0", b"--" + boundary.strip('"').encode("latin-1"))
+    response = http.post("/v2/studies", content=body, headers={**ACCEPT, "Content-Type": header})
+    assert_client_error(response, 400)
+    assert BAD_BOUNDARY in response.text
+
+
+def test_longest_boundary_with_every_special_character_stores(http):
+    boundary = "'()+_,-./:=? " + "x" * 56 + "?"
+    assert len(boundary) == 70
+    ds = make_dataset()
+    content_type, body = multipart([to_bytes(ds)], boundary=boundary)
+    response = http.post(
+        "/v2/studies", content=body, headers={**ACCEPT, "Content-Type": f'{content_type[:-70]}"{boundary}"'}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["00081199"]["Value"][0]["00081155"]["Value"] == [ds.SOPInstanceUID]
+
+
+def test_multipart_shapes_without_headers_or_with_a_huge_header(http):
+    """A part without any header is a DICOM part (the request's type); a 1 MB header line is refused, not buffered."""
+    ds = make_dataset()
+    content_type, body = multipart([to_bytes(ds)], part_type=None)
+    response = http.post("/v2/studies", content=body, headers={**ACCEPT, "Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    huge = b"--b0\r\nX-Long: " + b"a" * (1 << 20) + b"\r\n\r\n" + make_instance() + b"\r\n--b0--\r\n"
+    response = http.post(
+        "/v2/studies", content=huge, headers={**ACCEPT, "Content-Type": "multipart/related; boundary=b0"}
+    )
+    assert_client_error(response, 400)
+    assert response.text.startswith("The multipart request body is malformed")
+    unclosed = b"--b0\r\nContent-Type: application/dicom\r\n\r\n" + make_instance()
+    response = http.post(
+        "/v2/studies", content=unclosed, headers={**ACCEPT, "Content-Type": "multipart/related; boundary=b0"}
+    )
+    assert_client_error(response, 400)
+    assert response.text == "The multipart request body is malformed: it ends before the closing boundary."
+
+
+# -- frame numbers and attribute names ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "frames",
+    ["%C2%B2", "%E2%91%A0", "1,%D9%A3", "%EF%BC%91", "99999999999999999999", "2147483648", "0", "-1", "+1", "1_0"],
+)
+def test_frame_numbers_are_ascii_digits_within_32_bits(http, frames):
+    """``str.isdigit`` takes '²' and '①' (which ``int`` refuses: it was a 500) and ``int`` takes '٣' (Arabic-Indic
+    3): only ASCII digits are frame numbers, for frames and rendered alike."""
+    ds = make_dataset(frames=3)
+    assert http.post("/v2/studies", content=to_bytes(ds), headers=SINGLE).status_code == 200
+    inst = f"/v2/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for path in (f"{inst}/frames/{frames}", f"{inst}/frames/{frames}/rendered"):
+        response = http.get(path, headers={"Accept": "*/*"})
+        assert_client_error(response, 400)
+        assert "is not valid. Frame numbers are integers from 1 to 2147483647." in response.text
+    assert http.get(f"{inst}/frames/3", headers={"Accept": "*/*"}).status_code == 200
+    assert http.get(f"{inst}/frames/2147483647", headers={"Accept": "*/*"}).status_code == 404
+
+
+def test_attribute_ids_with_a_trailing_line_feed_are_not_tags(http):
+    """``^...$`` with ``match`` lets a final line feed through: '00100010\\n' was searched as PatientName."""
+    response = http.get("/v2/studies", params={"00100010\n": "x"}, headers=ACCEPT)
+    assert_client_error(response, 400)
+    assert "00100010" in response.text
+
+
 def test_garbage_dicom_in_stow_is_409_not_500(http):
     """Bodies that look like DICOM but break the parser in various places."""
     good = make_instance()

@@ -22,6 +22,8 @@ OCTET_STREAM = "application/octet-stream"
 MULTIPART_RELATED = "multipart/related"
 
 _PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
+# RFC 2046 boundaries: at most 70 characters, no trailing space; quotes and backslashes would not survive a header
+_BOUNDARY = re.compile(r"[ !#-\[\]-~]{0,69}[!#-\[\]-~]")
 
 
 @dataclass
@@ -307,6 +309,11 @@ def stow_boundary(content_type: str | None) -> str | None:
     boundary = media.params.get("boundary")
     if not boundary:
         raise UnsupportedMediaType("The multipart/related content type has no boundary parameter.")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise InvalidRequest(
+            f"The multipart boundary '{boundary}' is invalid: it must be 1 to 70 printable ASCII characters, "
+            "without quotes or backslashes, not ending with a space (RFC 2046)."
+        )
     related = media.related_type
     if related is not None and related != DICOM:
         raise UnsupportedMediaType(f"The multipart type '{related}' is not supported; use '{DICOM}'.")

@@ -24,6 +24,7 @@ from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.render import GIF, JPEG, PNG, WINDOW_FUNCTIONS, RenderOptions, Viewport, Window
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
 from dicomhub.domain.render import document_type
+from dicomhub.domain.retrieve import parse_frame_numbers
 
 router = APIRouter(tags=["Rendered"])
 
@@ -110,9 +111,11 @@ def parse_viewport(text: str | None) -> Viewport | None:
 
 
 def parse_frame(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise InvalidRequest(f"The specified frames value '{text}' is not valid. Frame numbers start at 1.")
-    return int(text)
+    """One frame number: rendered takes a single frame."""
+    numbers = parse_frame_numbers(text)
+    if len(numbers) != 1:
+        raise InvalidRequest(f"The specified frames value '{text}' is not valid: a rendered frame is one number.")
+    return numbers[0]
 
 
 # -- the shared handler ----------------------------------------------------------------------------------------------

@@ -224,11 +224,19 @@ def _bit_packed_frames(raw: bytes, ds: Dataset, count: int) -> list[bytes]:
     return [np.packbits(bits[i * pixels : (i + 1) * pixels], bitorder="little").tobytes() for i in range(available)]
 
 
+MAX_FRAME_NUMBER = 2**31 - 1  # Azure reads frame numbers as 32-bit integers: a larger one is not a number (400)
+
+
 def parse_frame_numbers(text: str) -> list[int]:
+    """The frame numbers of a comma list (WADO frames and rendered frames alike): ASCII digits only, since
+    ``str.isdigit`` also takes '²' or '①', which ``int`` refuses, and ``int`` takes Arabic-Indic digits."""
     numbers = []
     for token in text.split(","):
         token = token.strip()
-        if not token.lstrip("-").isdigit() or int(token) <= 0:
-            raise InvalidRequest(f"The specified frames value '{text}' is not valid. Frame numbers start at 1.")
+        if not (token.isascii() and token.isdigit() and 1 <= int(token) <= MAX_FRAME_NUMBER):
+            raise InvalidRequest(
+                f"The specified frames value '{text}' is not valid. "
+                f"Frame numbers are integers from 1 to {MAX_FRAME_NUMBER}."
+            )
         numbers.append(int(token))
     return numbers
