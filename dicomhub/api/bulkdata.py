@@ -29,6 +29,7 @@ from dicomhub.api.media import (
     multipart_content_type,
     new_boundary,
     parse_accept,
+    request_accept,
 )
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.domain.bulkdata import PixelData, Value, instance_url
@@ -138,7 +139,7 @@ class _Found:
 
 
 async def _serve(request: Request, find: Callable[[], _Found]) -> Response:
-    accept = ", ".join(request.headers.getlist("accept"))
+    accept = request_accept(request)
     found = await run_in_threadpool(find)
     multipart = negotiate(accept, found.syntaxes, found.single is not None)
     status, headers, window = 200, {}, None

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import unquote, unquote_plus
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
+from starlette.requests import Request
 
 from dicomhub.blobs.base import MEMORY_PART_LIMIT, MEMORY_REQUEST_LIMIT, Staged
 from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
@@ -87,6 +89,32 @@ def parse_accept(header: str | None) -> list[MediaRange]:
 def accepts_dicom_json(header: str | None) -> bool:
     """Azure's rule for JSON routes: some range must match application/dicom+json."""
     return any(media.type in (DICOM_JSON, "application/json", "*/*", "application/*") for media in parse_accept(header))
+
+
+ACCEPT_PARAMETER = "accept"
+
+
+def request_accept(request: Request) -> str:
+    """The Accept value a request is answered by: its ``accept`` query parameters when it has any (PS3.18 8.3.3.1:
+    they override the header, for clients that cannot set headers, such as a browser's ``<img>``), else all its
+    Accept header lines; either way one comma list, parsed like a header."""
+    given = [
+        _decode_media_types(raw)
+        for name, _, raw in (item.partition("=") for item in request.url.query.split("&"))
+        if unquote_plus(name) == ACCEPT_PARAMETER
+    ]
+    return ", ".join(given if given else request.headers.getlist("accept"))
+
+
+def _decode_media_types(raw: str) -> str:
+    """Percent-decodes a query value of media types. A raw ``+`` is a space in form encoding (``;+type=``, as httpx
+    and Python's urlencode write it) but a plus in RFC 3986 (``application/dicom+json`` typed into a URL): it is read
+    as a plus only between two letters or digits, where a media type list never has a space."""
+    pieces = [unquote(piece) for piece in raw.split("+")]
+    text = pieces[0]
+    for piece in pieces[1:]:
+        text += ("+" if text[-1:].isalnum() and piece[:1].isalnum() else " ") + piece
+    return text
 
 
 # -- multipart writing ---------------------------------------------------------------------------------------------

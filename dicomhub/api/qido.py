@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, check_uid, studies_context
-from dicomhub.api.media import accepts_dicom_json
+from dicomhub.api.media import ACCEPT_PARAMETER, accepts_dicom_json, request_accept
 from dicomhub.api.responses import json_response
 from dicomhub.dicom.tags import parse_attribute_id
 from dicomhub.domain.attributes import SERIES_UID, STUDY_UID
@@ -23,13 +23,13 @@ async def _search(
     raw_query = request.url.query
     if "<" in raw_query or "%3c" in raw_query.lower():
         raise InvalidRequest("The query string included invalid characters.")
-    if not accepts_dicom_json(request.headers.get("accept")):
+    if not accepts_dicom_json(request_accept(request)):
         return Response(status_code=406)
     if study is not None:
         study = check_uid(study, "StudyInstanceUID")
     if series is not None:
         series = check_uid(series, "SeriesInstanceUID")
-    params = request.query_params.multi_items()
+    params = [(name, value) for name, value in request.query_params.multi_items() if name != ACCEPT_PARAMETER]
     in_path = ({STUDY_UID} if study is not None else set()) | ({SERIES_UID} if series is not None else set())
     for name, _ in params:
         if parse_attribute_id(name) in in_path:

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from dicomhub.api.context import RequestContext
-from dicomhub.api.media import parse_media_type
+from dicomhub.api.media import parse_media_type, request_accept
 from dicomhub.api.responses import etag_matches
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.render import GIF, JPEG, PNG, WINDOW_FUNCTIONS, RenderOptions, Viewport, Window
@@ -37,8 +37,9 @@ ANY = (None, "*/*", "image/*")
 
 # -- parameters ------------------------------------------------------------------------------------------------------
 def requested_type(request: Request) -> str | None:
-    """The one media type of the Accept header (every header line counted), None when there is none."""
-    items = [item for line in request.headers.getlist("accept") for item in line.split(",") if item.strip()]
+    """The one media type the request accepts (every header line counted, or the ``accept`` query parameter), None
+    when there is none."""
+    items = [item for item in request_accept(request).split(",") if item.strip()]
     if len(items) > 1:
         raise NotAcceptable(MULTIPLE_ACCEPT)
     return parse_media_type(items[0]).type if items else None

@@ -34,6 +34,7 @@ from dicomhub.api.media import (
     multipart_content_type,
     new_boundary,
     parse_accept,
+    request_accept,
 )
 from dicomhub.api.responses import etag_matches, json_response
 from dicomhub.api.scopes import Scope, add_scope_routes
@@ -58,11 +59,6 @@ FRAME_MEDIA = {
 ANY = ("*/*", "multipart/*")
 T = TypeVar("T")
 SINGLE_FRAME_ONLY = "The accept header is supported for single frame retrieval, use multi-part accept header instead."
-
-
-def _accept(request: Request) -> str:
-    """All Accept header lines as one list (a client may send several lines; HTTP makes them one comma list)."""
-    return ", ".join(request.headers.getlist("accept"))
 
 
 def _any_multipart(media: MediaRange) -> bool:
@@ -136,7 +132,7 @@ def wants_original(request: Request) -> bool:
 
 async def _retrieve(request: Request, ctx: RequestContext, scope: Scope) -> Response:
     study, series, sop = scope.study, scope.series, scope.sop
-    multipart, syntax = negotiate_instances(_accept(request), single_allowed=sop is not None)
+    multipart, syntax = negotiate_instances(request_accept(request), single_allowed=sop is not None)
     retrieve = ctx.services.retrieve
 
     def find() -> tuple[list[StoredInstance], Part | None, bytes | None]:
@@ -184,12 +180,13 @@ add_scope_routes(
 
 async def _metadata(request: Request, ctx: RequestContext, scope: Scope) -> Response:
     study, series, sop = scope.study, scope.series, scope.sop
-    if not accepts_dicom_json(_accept(request)):
+    accept = request_accept(request)
+    if not accepts_dicom_json(accept):
         return Response(status_code=406)
     from dicomhub.api.bulkdata import wants_bulkdata_uris  # here: the bulk data routes are a separate module
 
     settings = ctx.services.settings
-    uris = wants_bulkdata_uris(request.query_params.get("bulkdata"), _accept(request), settings.metadata_bulkdata)
+    uris = wants_bulkdata_uris(request.query_params.get("bulkdata"), accept, settings.metadata_bulkdata)
     retrieve = ctx.services.retrieve
     if_none_match = request.headers.get("if-none-match")
 
@@ -216,7 +213,7 @@ add_scope_routes(
 async def _frames(request: Request, ctx: RequestContext, scope: Scope) -> Response:
     study, series, instance = scope.study, scope.series, scope.sop
     numbers = parse_frame_numbers(scope.frames or "")
-    multipart, media_type, syntax = negotiate_frames(_accept(request))
+    multipart, media_type, syntax = negotiate_frames(request_accept(request))
     if not multipart and len(numbers) > 1:
         raise InvalidRequest(SINGLE_FRAME_ONLY)
     retrieve = ctx.services.retrieve
