@@ -412,7 +412,9 @@ def frame_codestream_pixels(codestream: bytes, like: Dataset, syntax: str) -> np
     for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation"):
         ds[keyword] = like[keyword]
     ds.PhotometricInterpretation = expected_photometric(like, syntax)
-    ds.PlanarConfiguration = 0
+    # native frames of a native source are its bytes, in its planar configuration; decoded frames are interleaved
+    kept = not UID(syntax).is_compressed and not like.file_meta.TransferSyntaxUID.is_compressed
+    ds.PlanarConfiguration = like.get("PlanarConfiguration", 0) if kept else 0
     ds.NumberOfFrames = 1
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(syntax)
@@ -428,10 +430,11 @@ def assert_frame(data: bytes, content_type: str, inst: Stored, n: int, media: st
     assert_media(content_type, media, syntax)
     source = inst.ds
     if syntax == source.file_meta.TransferSyntaxUID:
+        count = int(source.get("NumberOfFrames", 1) or 1)
         if UID(syntax).is_compressed:
-            assert data == list(generate_frames(source.PixelData, number_of_frames=FRAME_COUNT))[n - 1]
+            assert data == list(generate_frames(source.PixelData, number_of_frames=count))[n - 1]
         else:
-            size = len(source.PixelData) // FRAME_COUNT
+            size = len(source.PixelData) // count
             assert data == source.PixelData[(n - 1) * size : n * size]
         return
     expected = _decoded(source, index=n - 1)

@@ -122,7 +122,10 @@ class RetrieveService:
         if not needs_pixel_decoding(stored, out):
             _, frames = self._parsed(inst, numbers, little_endian=out != stored)
             return [Part(out, iter([frame])) for frame in frames]
-        return self._transcoded_frames(inst, numbers, out, ranges if indexed else None)
+        # The ranges hold the stored bytes: big-endian native frames are swapped from the parsed file (their swap
+        # unit depends on the Pixel Data VR, which the header read for ranges does not have)
+        decodable = indexed and UID(stored).is_little_endian
+        return self._transcoded_frames(inst, numbers, out, ranges if decodable else None)
 
     def _transcoded_frames(
         self, inst: StoredInstance, numbers: list[int], target: str, ranges: list | None
