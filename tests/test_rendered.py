@@ -522,8 +522,10 @@ def test_images_that_cannot_be_rendered(http: httpx.Client, data: Data) -> None:
     bomb = get(http, data.bomb.path() + "/rendered")
     assert bomb.status_code == 406 and "above the supported limit" in bomb.text
     assert get(http, data.bomb.path() + "/thumbnail").status_code == 406
-    for response in [get(http, data.short.path() + "/rendered"), get(http, data.sr.path() + "/rendered")]:
-        assert (response.status_code, response.text) == (406, RENDER_FAILED)
+    short = get(http, data.short.path() + "/rendered")
+    assert (short.status_code, short.text) == (406, RENDER_FAILED)
+    no_pixels = get(http, data.sr.path() + "/rendered")
+    assert (no_pixels.status_code, no_pixels.text) == (406, f"{RENDER_FAILED}: the instance has no pixel data.")
     assert get(http, data.sr.path() + "/frames/1/rendered").status_code == 404
 
 

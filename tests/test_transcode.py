@@ -25,6 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
+from dicomhub.dicom.transcode import decoding_plugin
 from tests.factory import RGB_SAMPLES, make_dataset, make_rgb_sample, new_uid
 from tests.servers import Server
 from tests.test_wado import (
@@ -74,12 +75,10 @@ DCMTK = shutil.which("dcmcjpeg") and shutil.which("dcmcjpls") and shutil.which("
 
 def _decoded(ds: Dataset, index: int | None = None) -> np.ndarray | None:
     """pydicom's decoding, with the plugin the server uses: lossy JPEG decoders may differ by a unit or two."""
-    syntax = ds.file_meta.TransferSyntaxUID
-    plugin = "" if not syntax.is_compressed else "pyjpegls" if syntax in (JLS, JLS_NEAR) else "pylibjpeg"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return pixel_array(ds, index=index, decoding_plugin=plugin)
+            return pixel_array(ds, index=index, decoding_plugin=decoding_plugin(ds.file_meta.TransferSyntaxUID))
         except Exception:
             return None
 

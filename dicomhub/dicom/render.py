@@ -28,6 +28,8 @@ from pydicom.pixels import (
 )
 from pydicom.uid import UID
 
+from dicomhub.dicom.transcode import assumed_pixel_options, decoding_plugin
+
 JPEG = "image/jpeg"
 PNG = "image/png"
 GIF = "image/gif"
@@ -104,14 +106,20 @@ class Frame:
 
 
 class PixelSource:
-    """An open DICOM file read up to its pixel data; frames are decoded from the file one at a time, by pydicom's
-    decoder for the transfer syntax, reading only the frame's bytes."""
+    """An open DICOM file read up to its pixel data; frames are decoded from the file one at a time, by the pydicom
+    decoder and plugin transcode.py uses for the transfer syntax, reading only the frame's bytes. Image Pixel
+    attributes the file leaves out take the values viewers assume."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.header = pydicom.dcmread(f, stop_before_pixels=True)
         self._pixel_offset = f.tell()  # the pixel data element's tag
         self.transfer_syntax = UID(self.header.file_meta.get("TransferSyntaxUID", ""))
+
+    def has_pixel_data(self) -> bool:
+        """Whether a pixel data element follows the header (read, not decoded). Deflated files are only known once
+        inflated, when a frame is asked for."""
+        return self.transfer_syntax == DEFLATED or self._pixel_element() is not None
 
     def frame(self, index: int) -> Frame:
         """Frame ``index`` (0-based)."""
@@ -125,23 +133,36 @@ class PixelSource:
         for index, (pixels, properties) in enumerate(get_decoder(self.transfer_syntax).iter_array(src, **options)):
             yield self._frame(index, pixels, properties)
 
+    def _pixel_element(self) -> tuple[str, bytes] | None:
+        """(keyword, the element's first 8 bytes) of the pixel data element after the header, leaving the file
+        after those bytes; None when there is none."""
+        self.f.seek(self._pixel_offset)
+        head = self.f.read(8)
+        if len(head) < 8:
+            return None
+        group, element = struct.unpack("<HH" if self.transfer_syntax.is_little_endian else ">HH", head[:4])
+        keyword = PIXEL_KEYWORDS.get(group << 16 | element)
+        return (keyword, head) if keyword else None
+
     def _decoder_input(self) -> tuple[BinaryIO | Dataset, dict]:
         """The file positioned at the pixel data value, and the decoding options from the header. A deflated file
         cannot be read in place: it is inflated whole (deflate is only used for small datasets)."""
+        common = {"decoding_plugin": decoding_plugin(self.transfer_syntax), **assumed_pixel_options(self.header)}
         if self.transfer_syntax == DEFLATED:
             self.f.seek(0)
-            return pydicom.dcmread(self.f), {}
-        self.f.seek(self._pixel_offset)
-        head = self.f.read(8)
-        group, element = struct.unpack("<HH" if self.transfer_syntax.is_little_endian else ">HH", head[:4])
-        keyword = PIXEL_KEYWORDS.get(group << 16 | element) if len(head) == 8 else None
-        if keyword is None:
+            inflated = pydicom.dcmread(self.f)
+            if not any(keyword in inflated for keyword in PIXEL_KEYWORDS.values()):
+                raise RenderError("The instance has no pixel data.")
+            return inflated, common
+        found = self._pixel_element()
+        if found is None:
             raise RenderError("The instance has no pixel data.")
+        keyword, head = found
         options = as_pixel_options(self.header, transfer_syntax_uid=self.transfer_syntax, pixel_keyword=keyword)
         if not self.transfer_syntax.is_implicit_VR:
             options["pixel_vr"] = head[4:6].decode("ascii")
             self.f.read(4)  # the 32-bit length (after VR and 2 reserved bytes): the value starts next
-        return self.f, options
+        return self.f, {**options, **common}
 
     def _frame(self, index: int, pixels: np.ndarray, properties: dict) -> Frame:
         photometric = str(properties.get("photometric_interpretation") or self.header.get("PhotometricInterpretation"))
@@ -195,7 +216,7 @@ def to_display(frame: Frame, header: Dataset, window: Window | None) -> np.ndarr
         return _to_8bit(rgb, 16 if bits > 8 else 8)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise RenderError(f"Unsupported pixel layout {arr.shape} for '{photometric}'.")
-    bits = int(header.get("BitsStored", 8) or 8)
+    bits = int(header.get("BitsStored") or header.get("BitsAllocated") or 8)  # Bits Stored left out: all of them
     if photometric in ("YBR_FULL", "YBR_FULL_422"):
         arr = convert_color_space(arr, photometric, "RGB")
     elif photometric not in ("RGB", "YBR_ICT", "YBR_RCT"):  # J2K decoders undo the ICT/RCT themselves

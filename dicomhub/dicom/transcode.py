@@ -78,9 +78,19 @@ _LOSSY_METHOD = {JPEGBaseline8Bit: "ISO_10918_1", JPEGLSNearLossless: "ISO_14495
 # Syntaxes whose codestream carries its own colour transform: decoding gives RGB
 _CODEC_YCBCR = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 _GDCM_JPEG = {JPEGLossless: "JPEGLosslessProcess14", JPEGLosslessSV1: "JPEGLosslessProcess14_1"}
-# One codec plugin per syntax: pydicom would otherwise try each available one, GDCM first, and GDCM ends the whole
-# process (an uncaught C++ exception) on some inputs. GDCM only encodes JPEG lossless, from arrays we checked.
-_PLUGIN = {RLELossless: "pylibjpeg", JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+# One codec plugin per syntax (pylibjpeg unless named here): pydicom would otherwise try each available one, GDCM
+# first, and GDCM ends the whole process (an uncaught C++ exception) on some inputs. GDCM only encodes JPEG lossless,
+# from arrays we checked, and decodes JPEG Extended through its IJG codecs (jpeg_extended.py: 12-bit samples, and
+# the scan parameters of older encoders that libjpeg refuses).
+_GDCM_IJG = "gdcm-ijg"
+_PLUGIN = {
+    RLELossless: "pylibjpeg",
+    JPEGLSLossless: "pyjpegls",
+    JPEGLSNearLossless: "pyjpegls",
+    JPEGExtended12Bit: _GDCM_IJG,
+}
+if _GDCM_IJG not in get_decoder(JPEGExtended12Bit).available_plugins:
+    get_decoder(JPEGExtended12Bit).add_plugin(_GDCM_IJG, ("dicomhub.dicom.jpeg_extended", "decode_frame"))
 _IMAGE_PIXEL = (
     "SamplesPerPixel",
     "PhotometricInterpretation",
@@ -195,11 +205,39 @@ def transcode(ds: Dataset, target: str) -> bytes:
     return out.getvalue()
 
 
+def decoding_plugin(syntax: str) -> str:
+    """The one pydicom decoding plugin used for ``syntax`` ("" for native data, which needs none)."""
+    return "" if syntax in NATIVE else _PLUGIN.get(UID(syntax), "pylibjpeg")
+
+
+def assumed_pixel_options(ds: Dataset) -> dict[str, Any]:
+    """Decoding options for the Image Pixel attributes ``ds`` leaves out or empty, with the values viewers assume
+    (DCMTK, Orthanc): pydicom refuses to decode without them. Only the decoding sees them; the file is not changed."""
+
+    def absent(keyword: str) -> bool:
+        return ds.get(keyword) in (None, "")
+
+    options: dict[str, Any] = {}
+    samples = 1 if absent("SamplesPerPixel") else int(ds.SamplesPerPixel)
+    if absent("SamplesPerPixel"):
+        options["samples_per_pixel"] = 1
+    if absent("PhotometricInterpretation") and samples == 1:
+        options["photometric_interpretation"] = "MONOCHROME2"
+    if absent("PixelRepresentation"):
+        options["pixel_representation"] = 0  # unsigned
+    if absent("PlanarConfiguration") and samples > 1:
+        options["planar_configuration"] = 0  # colour-by-pixel
+    if absent("BitsStored") and not absent("BitsAllocated"):
+        options["bits_stored"] = int(ds.BitsAllocated)
+    return options
+
+
 def _decoded_frames(ds: Dataset) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """Each frame of ``ds`` decoded, with pydicom's description of the decoded values (their colour space)."""
     source = UID(ds.file_meta.TransferSyntaxUID)
-    plugin = "" if source in NATIVE else _PLUGIN.get(source, "pylibjpeg")
-    yield from get_decoder(source).iter_array(ds, as_rgb=source in _CODEC_YCBCR, decoding_plugin=plugin)
+    yield from get_decoder(source).iter_array(
+        ds, as_rgb=source in _CODEC_YCBCR, decoding_plugin=decoding_plugin(source), **assumed_pixel_options(ds)
+    )
 
 
 def _set_image_pixel(ds: Dataset, info: dict[str, Any]) -> None:
@@ -227,13 +265,14 @@ def _decompress(ds: Dataset) -> None:
 def _compress(ds: Dataset, target: UID) -> None:
     """Replaces Pixel Data by the frames encoded in ``target`` (basic offset table); lossy targets record it."""
     encoded: list[bytes] = []
+    info: dict[str, Any] = {}
     photometric = ""
     raw_size = 0
     for arr, info in _decoded_frames(ds):
         raw_size += arr.nbytes
         frame, photometric = encode_frame(arr, info, target)
         encoded.append(frame)
-    _set_image_pixel(ds, {"photometric_interpretation": photometric, "samples_per_pixel": ds.SamplesPerPixel})
+    _set_image_pixel(ds, {**info, "photometric_interpretation": photometric})  # samples as decoded (maybe assumed)
     ds["PixelData"] = DataElement(_PIXEL_DATA, "OB", encapsulate(encoded, has_bot=True), is_undefined_length=True)
     if target in LOSSY:
         _record_lossy(ds, target, raw_size / max(1, sum(len(f) for f in encoded)))

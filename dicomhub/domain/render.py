@@ -38,6 +38,7 @@ from dicomhub.index.records import Partition, StoredInstance
 log = logging.getLogger(__name__)
 
 RENDER_FAILED = "An error was encountered when attempting to convert the dicom file into an image"
+NO_PIXELS_TO_RENDER = f"{RENDER_FAILED}: the instance has no pixel data."
 EXTENSIONS = {render.JPEG: "jpg", render.PNG: "png", GIF: "gif"}
 
 
@@ -152,7 +153,7 @@ class RenderService:
                 NO_PIXEL_DATA if not inst.frame_count else f"The specified frame {frame} cannot be found."
             )
         if not inst.frame_count:
-            raise NotAcceptable(RENDER_FAILED)
+            raise NotAcceptable(NO_PIXELS_TO_RENDER)
         self.limiter.check_file(inst.file_size)
         every_frame = frame is None and options.media_type == GIF
         with self.blobs.open(inst.blob_key) as f:
@@ -160,6 +161,8 @@ class RenderService:
                 source = render.PixelSource(f)
             except Exception as exc:
                 raise self._failed(inst, exc) from exc
+            if not source.has_pixel_data():  # image attributes without pixel data: nothing to decode
+                raise NotAcceptable(NO_PIXELS_TO_RENDER)
             self.limiter.check_pixels(source.header, frames=None if every_frame else 1)
             with self.limiter.slot():
                 try:
