@@ -22,6 +22,8 @@ from dicomhub.api import (
     delete,
     extended_tags,
     health,
+    home,
+    openapi,
     operations,
     partitions,
     qido,
@@ -126,12 +128,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_error_handlers(app)
     for router in STUDIES_ROUTERS:
         app.include_router(router, prefix="/v{version}")
-        app.include_router(router, prefix="/v{version}/partitions/{partition_name}", include_in_schema=False)
+        app.include_router(router, prefix="/v{version}/partitions/{partition_name}")
     app.include_router(partitions.router)
     app.include_router(changefeed.router, prefix="/v{version}")  # cross-partition: no partition route
     app.include_router(operations.router)
     app.include_router(extended_tags.router)  # global: no partition route
     app.include_router(health.router)
+    app.include_router(home.router)
+    openapi.install(app)
 
     install_security(app, settings)  # inside the request log and CORS: refusals are logged and carry CORS
     app.add_middleware(ObserveMiddleware)

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, studies_context
 from dicomhub.api.json_body import read_json_body
+from dicomhub.api.openapi import BULK_UPDATE_DOC
 from dicomhub.api.operations import operation_reference
 from dicomhub.api.responses import json_response
 from dicomhub.domain.bulk_update import ChangeDatasetInvalid, parse_update_request, start_update
@@ -23,7 +24,7 @@ JSON = "application/json"
 
 # Azure's route is matched case-insensitively; clients write it as documented or, like Azure's Postman
 # collection, all lower-case. This router comes before STOW's, whose POST /studies/{study} would take it otherwise.
-@router.post("/studies/$bulkUpdate", summary="Update patient and study attributes of studies")
+@router.post("/studies/$bulkUpdate", summary="Update patient and study attributes of studies", **BULK_UPDATE_DOC)
 @router.post("/studies/$bulkupdate", include_in_schema=False)
 async def bulk_update(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     if ctx.api_version < 2:

@@ -31,6 +31,7 @@ from dicomhub.api.media import (
     parse_accept,
     request_accept,
 )
+from dicomhub.api.openapi import BULKDATA_DOC, PIXELDATA_DOC
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.domain.bulkdata import PixelData, Value, instance_url
 from dicomhub.domain.errors import InvalidRequest, NotAcceptable
@@ -177,6 +178,7 @@ async def _serve(request: Request, find: Callable[[], _Found]) -> Response:
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{path:path}",
     summary="Retrieve one bulk data value (the BulkDataURI of metadata retrieved with bulkdata=uri)",
+    **BULKDATA_DOC,
 )
 async def retrieve_bulkdata(
     study: str, series: str, instance: str, path: str, request: Request, ctx: RequestContext = Depends(studies_context)
@@ -223,4 +225,5 @@ add_scope_routes(
         "series": "Pixel data of a series (CP-2040)",
         "instance": "Pixel data of an instance (CP-2040)",
     },
+    **PIXELDATA_DOC,
 )

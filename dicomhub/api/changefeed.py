@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import version_of
+from dicomhub.api.openapi import CHANGE_FEED_DOC, LATEST_CHANGE_DOC
 from dicomhub.api.responses import json_response
 from dicomhub.domain.changefeed import ChangeFeedEntry, ChangeFeedService, include_metadata_of, parse_feed
 
@@ -41,7 +42,7 @@ def _entry_json(entry: ChangeFeedEntry) -> str:
     return head if entry.metadata_json is None else f'{head[:-1]},"metadata":{entry.metadata_json}}}'
 
 
-@router.get("/changefeed", summary="Read the change feed")
+@router.get("/changefeed", summary="Read the change feed", **CHANGE_FEED_DOC)
 async def read_feed(version: str, request: Request) -> Response:
     api_version = version_of(request)
     feed = parse_feed(request.query_params.multi_items(), api_version)
@@ -49,7 +50,7 @@ async def read_feed(version: str, request: Request) -> Response:
     return json_response(request, "[" + ",".join(_entry_json(e) for e in entries) + "]", media_type=JSON)
 
 
-@router.get("/changefeed/latest", summary="Read the newest change-feed entry")
+@router.get("/changefeed/latest", summary="Read the newest change-feed entry", **LATEST_CHANGE_DOC)
 async def read_latest(version: str, request: Request) -> Response:
     api_version = version_of(request)
     include_metadata = include_metadata_of(request.query_params.multi_items())

@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext
+from dicomhub.api.openapi import DELETE_DOC
 from dicomhub.api.scopes import Scope, add_scope_routes
 
 router = APIRouter(tags=["Delete"])
@@ -23,5 +24,5 @@ add_scope_routes(
     "",
     _delete,
     {"study": "Delete a study", "series": "Delete a series", "instance": "Delete an instance"},
-    status_code=204,
+    **DELETE_DOC,
 )

@@ -12,6 +12,14 @@ from starlette.responses import PlainTextResponse, Response
 
 from dicomhub.api.context import version_of
 from dicomhub.api.json_body import read_json_body
+from dicomhub.api.openapi import (
+    ADD_TAGS_DOC,
+    DELETE_TAG_DOC,
+    GET_TAG_DOC,
+    LIST_TAGS_DOC,
+    TAG_ERRORS_DOC,
+    UPDATE_TAG_DOC,
+)
 from dicomhub.api.operations import operation_reference, version_root
 from dicomhub.api.responses import json_response
 from dicomhub.domain.errors import InvalidRequest, UnsupportedMediaType
@@ -77,7 +85,7 @@ def _answer(request: Request, body: Any, status_code: int = 200, headers: dict[s
     return json_response(request, body, status_code=status_code, media_type="application/json", headers=headers)
 
 
-@router.post("", summary="Add extended query tags and start their re-index")
+@router.post("", summary="Add extended query tags and start their re-index", **ADD_TAGS_DOC)
 async def add_tags(version: str, request: Request) -> Response:
     service = _service(request)
     body = await _json_body(request)
@@ -90,7 +98,7 @@ async def add_tags(version: str, request: Request) -> Response:
     return _answer(request, reference, status_code=202, headers={"Location": reference["href"]})
 
 
-@router.get("", summary="List extended query tags")
+@router.get("", summary="List extended query tags", **LIST_TAGS_DOC)
 async def list_tags(version: str, request: Request) -> Response:
     service = _service(request)
     limit, offset = _paging(request)
@@ -98,13 +106,13 @@ async def list_tags(version: str, request: Request) -> Response:
     return _answer(request, [tag_json(request, t) for t in tags])
 
 
-@router.get("/{tag_path}", summary="Get an extended query tag")
+@router.get("/{tag_path}", summary="Get an extended query tag", **GET_TAG_DOC)
 async def get_tag(version: str, tag_path: str, request: Request) -> Response:
     tag = await run_in_threadpool(_service(request).get, tag_path)
     return _answer(request, tag_json(request, tag))
 
 
-@router.patch("/{tag_path}", summary="Enable or disable QIDO on an extended query tag")
+@router.patch("/{tag_path}", summary="Enable or disable QIDO on an extended query tag", **UPDATE_TAG_DOC)
 async def update_tag(version: str, tag_path: str, request: Request) -> Response:
     service = _service(request)
     body = await _json_body(request)
@@ -112,13 +120,13 @@ async def update_tag(version: str, tag_path: str, request: Request) -> Response:
     return _answer(request, tag_json(request, tag))
 
 
-@router.delete("/{tag_path}", summary="Delete an extended query tag and its index data")
+@router.delete("/{tag_path}", summary="Delete an extended query tag and its index data", **DELETE_TAG_DOC)
 async def delete_tag(version: str, tag_path: str, request: Request) -> Response:
     await run_in_threadpool(_service(request).delete, tag_path)
     return Response(status_code=204)
 
 
-@router.get("/{tag_path}/errors", summary="Indexing errors of an extended query tag")
+@router.get("/{tag_path}/errors", summary="Indexing errors of an extended query tag", **TAG_ERRORS_DOC)
 async def tag_errors(version: str, tag_path: str, request: Request) -> Response:
     service = _service(request)
     limit, offset = _paging(request)

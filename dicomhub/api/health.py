@@ -9,10 +9,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from dicomhub.api.openapi import HEALTH_DOC
+
 router = APIRouter(tags=["Operations"])
 
 
-@router.get("/health/check", summary="Health of the index and the blob store")
+@router.get("/health/check", summary="Health of the index and the blob store", **HEALTH_DOC)
 async def health(request: Request) -> Response:
     services = request.app.state.services
     details = []

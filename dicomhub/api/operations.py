@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import version_of
+from dicomhub.api.openapi import OPERATION_DOC
 from dicomhub.api.responses import json_response
 from dicomhub.domain.operations import Operation, OperationStatus
 
@@ -44,7 +45,7 @@ def operation_json(request: Request, operation: Operation, api_version: int) -> 
     return body
 
 
-@router.get("/v{version}/operations/{operation_id}", summary="State of a long-running operation")
+@router.get("/v{version}/operations/{operation_id}", summary="State of a long-running operation", **OPERATION_DOC)
 async def get_operation(version: str, operation_id: str, request: Request) -> Response:
     api_version = version_of(request)
     operations = request.app.state.services.operations

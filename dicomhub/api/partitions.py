@@ -9,13 +9,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from dicomhub.api.context import version_of
+from dicomhub.api.openapi import PARTITIONS_DOC
 from dicomhub.api.responses import json_response
 from dicomhub.domain.errors import InvalidRequest
 
 router = APIRouter(tags=["Partitions"])
 
 
-@router.get("/v{version}/partitions", summary="List data partitions")
+@router.get("/v{version}/partitions", summary="List data partitions", **PARTITIONS_DOC)
 async def list_partitions(version: str, request: Request) -> Response:
     version_of(request)
     services = request.app.state.services

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from dicomhub.api.context import RequestContext, check_uid, studies_context
 from dicomhub.api.media import ACCEPT_PARAMETER, accepts_dicom_json, request_accept
+from dicomhub.api.openapi import search_doc
 from dicomhub.api.responses import json_response
 from dicomhub.dicom.tags import parse_attribute_id
 from dicomhub.domain.attributes import SERIES_UID, STUDY_UID
@@ -48,34 +49,38 @@ async def _search(
     return json_response(request, results, headers=headers)
 
 
-@router.get("/studies", summary="Search for studies")
+@router.get("/studies", summary="Search for studies", **search_doc("studies"))
 async def search_studies(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     return await _search(request, ctx, "studies")
 
 
-@router.get("/series", summary="Search for series")
+@router.get("/series", summary="Search for series", **search_doc("series"))
 async def search_series(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     return await _search(request, ctx, "series")
 
 
-@router.get("/instances", summary="Search for instances")
+@router.get("/instances", summary="Search for instances", **search_doc("instances"))
 async def search_instances(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     return await _search(request, ctx, "instances")
 
 
-@router.get("/studies/{study}/series", summary="Search for series of a study")
+@router.get("/studies/{study}/series", summary="Search for series of a study", **search_doc("study-series"))
 async def search_study_series(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     return await _search(request, ctx, "study-series", study)
 
 
-@router.get("/studies/{study}/instances", summary="Search for instances of a study")
+@router.get("/studies/{study}/instances", summary="Search for instances of a study", **search_doc("study-instances"))
 async def search_study_instances(
     study: str, request: Request, ctx: RequestContext = Depends(studies_context)
 ) -> Response:
     return await _search(request, ctx, "study-instances", study)
 
 
-@router.get("/studies/{study}/series/{series}/instances", summary="Search for instances of a series")
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="Search for instances of a series",
+    **search_doc("series-instances"),
+)
 async def search_series_instances(
     study: str, series: str, request: Request, ctx: RequestContext = Depends(studies_context)
 ) -> Response:

@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from dicomhub.api.context import RequestContext
 from dicomhub.api.media import parse_media_type, request_accept
+from dicomhub.api.openapi import RENDERED_DOC, THUMBNAIL_DOC
 from dicomhub.api.responses import etag_matches
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.render import GIF, JPEG, PNG, WINDOW_FUNCTIONS, RenderOptions, Viewport, Window
@@ -182,6 +183,7 @@ add_scope_routes(
         "frames": "Rendered frame",
     },
     description=RENDER_PARAMS,
+    **RENDERED_DOC,
 )
 add_scope_routes(
     router,
@@ -195,4 +197,5 @@ add_scope_routes(
         "frames": "Thumbnail of a frame",
     },
     description=RENDER_PARAMS,
+    **THUMBNAIL_DOC,
 )

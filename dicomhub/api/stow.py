@@ -18,6 +18,7 @@ from dicomhub.api.media import (
     accepts_dicom_json,
     stow_boundary,
 )
+from dicomhub.api.openapi import STORE_DOC
 from dicomhub.api.responses import json_response
 from dicomhub.auth.audit import record_stored_instances
 from dicomhub.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
@@ -30,12 +31,12 @@ MULTIPLE_VALUES_WARNING = (
 )
 
 
-@router.post("/studies", summary="Store instances")
+@router.post("/studies", summary="Store instances", **STORE_DOC)
 async def store(request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     return await _store(request, ctx, None)
 
 
-@router.post("/studies/{study}", summary="Store instances of one study")
+@router.post("/studies/{study}", summary="Store instances of one study", **STORE_DOC)
 async def store_in_study(study: str, request: Request, ctx: RequestContext = Depends(studies_context)) -> Response:
     if study.strip():
         check_uid(study, "StudyInstanceUID")

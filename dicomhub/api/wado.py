@@ -36,6 +36,7 @@ from dicomhub.api.media import (
     parse_accept,
     request_accept,
 )
+from dicomhub.api.openapi import METADATA_DOC, RETRIEVE_DOC, frames_doc
 from dicomhub.api.responses import etag_matches, json_response
 from dicomhub.api.scopes import Scope, add_scope_routes
 from dicomhub.dicom.transcode import KNOWN
@@ -175,6 +176,7 @@ add_scope_routes(
     "",
     _retrieve,
     {"study": "Retrieve a study", "series": "Retrieve a series", "instance": "Retrieve an instance"},
+    **RETRIEVE_DOC,
 )
 
 
@@ -207,6 +209,7 @@ add_scope_routes(
     "/metadata",
     _metadata,
     {"study": "Metadata of a study", "series": "Metadata of a series", "instance": "Metadata of an instance"},
+    **METADATA_DOC,
 )
 
 
@@ -246,4 +249,4 @@ async def _frames(request: Request, ctx: RequestContext, scope: Scope) -> Respon
     )
 
 
-add_scope_routes(router, "GET", "", _frames, {"frames": "Retrieve frames"})
+add_scope_routes(router, "GET", "", _frames, {"frames": "Retrieve frames"}, **frames_doc(FRAME_MEDIA))
