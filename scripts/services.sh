@@ -3,6 +3,7 @@
 #
 #   source scripts/services.sh
 #   ensure_packages                      # apt-get only when something is missing
+#   ensure_oidc_provider [DIR]           # npm ci of the auth tests' OpenID provider, when missing
 #   start_postgres [PORT]                # default 55432; exports DICOMHUB_TEST_POSTGRES_URL
 #   start_orthanc NAME HTTP_PORT DICOM_PORT [DICOMWEB_PEER_URL]
 #   stop_all                             # stops everything recorded in the state dir
@@ -75,6 +76,16 @@ ensure_packages() {
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
     --no-install-recommends $missing || return 1
+}
+
+# ensure_oidc_provider [DIR] : npm ci of the OpenID provider the auth tests start (default
+# tests/support/oidc: npm oidc-provider, pinned by its lock file), only when node_modules is missing.
+ensure_oidc_provider() {
+  local dir=${1:-tests/support/oidc}
+  [ -d "$dir/node_modules/oidc-provider" ] && return 0
+  command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the auth tests need node and npm"; return 1; }
+  _svc_log "installing the OIDC test provider (npm ci in $dir)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
 }
 
 # start_postgres [PORT] : private throwaway cluster on 127.0.0.1:PORT (default 55432), database

@@ -8,8 +8,12 @@ import httpx
 import pytest
 
 from tests.servers import Server, database_url
+from tests.support.oidc.provider import auth_mode, send_admin_tokens
 
 ENGINES = ["sqlite", "postgres"]
+
+if auth_mode():  # DICOMHUB_TEST_AUTH=1: every test server requires tokens, and the tests send admin tokens
+    send_admin_tokens()
 
 
 def start_server(tmp_path_factory: pytest.TempPathFactory, engine: str, **settings: str) -> Server:

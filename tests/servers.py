@@ -71,7 +71,9 @@ class Server:
         env["DICOMHUB_WORKERS"] = "1"  # one process, so kill() reaches the server itself; see test_workers.py
         if self.database_url:
             env["DICOMHUB_DATABASE_URL"] = self.database_url
-        for key, value in self.settings.items():
+        from tests.support.oidc.provider import with_auth_mode  # imported here: that module imports this one
+
+        for key, value in with_auth_mode(self.url, self.settings).items():
             env[f"DICOMHUB_{key.upper()}"] = value
         return env
 

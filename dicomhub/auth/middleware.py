@@ -103,6 +103,14 @@ def install_security(app: Any, settings: Settings) -> None:
     )
 
 
+def app_routes(app: Any) -> list[tuple[Any, set[str]]]:
+    """Every route of the app (included routers flattened, full paths) with its methods (WEBSOCKET for a
+    WebSocket route)."""
+    return [
+        (route, set(getattr(route, "methods", None) or {WEBSOCKET})) for route in iter_route_contexts(app.router.routes)
+    ]
+
+
 class SecurityMiddleware:
     def __init__(
         self,
@@ -179,8 +187,7 @@ class SecurityMiddleware:
         """The app's routes with the data action of each method (built at the first request: all routes exist)."""
         if self._routes is None:
             routes = []
-            for route in iter_route_contexts(self.routes_of.router.routes):
-                methods = getattr(route, "methods", None) or {WEBSOCKET}
+            for route, methods in app_routes(self.routes_of):
                 actions = {method: action_for(method, route.path) for method in methods}
                 routes.append(_Route(route.matches, route.path, actions))
                 unmapped = None in actions.values() and route.path not in OPEN_ROUTES | {METRICS_ROUTE}

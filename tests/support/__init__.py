@@ -1,0 +1,1 @@
+"""Real test peers started from Python."""
