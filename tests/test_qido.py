@@ -687,12 +687,17 @@ def test_computed_attributes(server, http):
     assert result[0][key("NumberOfStudyRelatedSeries")] == {"vr": "IS", "Value": [3]}
     assert result[0][key("NumberOfStudyRelatedInstances")] == {"vr": "IS", "Value": [4]}
     assert result[0][key("ModalitiesInStudy")] == {"vr": "CS", "Value": ["CT", "MR"]}
-    # not returned unless asked
-    plain = search(http, "/studies", {"PatientID": pid})[0]
+    # v1 returns them only when asked (Azure's default set); v2 by default (PS3.18's default set), the same values
+    plain = search(http, "/studies", {"PatientID": pid}, "v1")[0]
     assert not set(plain) & keys(*computed)
-    series = search(http, f"/studies/{s}/series", {"includefield": "NumberOfSeriesRelatedInstances"})
+    by_default = search(http, "/studies", {"PatientID": pid})[0]
+    assert {k: by_default[k] for k in keys(*computed)} == {k: result[0][k] for k in keys(*computed)}
+    series = search(http, f"/studies/{s}/series", {"includefield": "NumberOfSeriesRelatedInstances"}, "v1")
     counts = {value(r, "SeriesInstanceUID"): value(r, "NumberOfSeriesRelatedInstances") for r in series}
     assert counts[ct] == 2 and counts[mr] == 1 and len(counts) == 3
+    assert not set(search(http, f"/studies/{s}/series", version="v1")[0]) & COMPUTED_SERIES
+    series = search(http, f"/studies/{s}/series")
+    assert {value(r, "SeriesInstanceUID"): value(r, "NumberOfSeriesRelatedInstances") for r in series} == counts
     series = search(http, "/series", {"PatientID": pid, "includefield": "00201209", "Modality": "MR"})
     assert [value(r, "NumberOfSeriesRelatedInstances") for r in series] == [1]
     client = DICOMwebClient(url=f"{server.url}/v2")
@@ -837,10 +842,12 @@ def test_v2_default_attribute_sets(rich, http):
     pid = {"PatientID": ds.PatientID}
     patient_id = keys("PatientID")
     uids = keys("StudyInstanceUID", "SeriesInstanceUID")
-    assert set(search(http, "/studies", pid)[0]) == STUDY_V2
-    assert set(search(http, "/series", pid)[0]) == STUDY_V2 | SERIES_V2
+    # PS3.18's computed defaults are added to the rows of their own level (spec 5.13: an added attribute is not a
+    # breaking change); v1 keeps Azure's set
+    assert set(search(http, "/studies", pid)[0]) == STUDY_V2 | COMPUTED_STUDY
+    assert set(search(http, "/series", pid)[0]) == STUDY_V2 | SERIES_V2 | COMPUTED_SERIES
     assert set(search(http, "/instances", pid)[0]) == STUDY_V2 | SERIES_V2 | INSTANCE_V2
-    assert set(search(http, f"/studies/{s}/series")[0]) == SERIES_V2 | keys("StudyInstanceUID")
+    assert set(search(http, f"/studies/{s}/series")[0]) == SERIES_V2 | COMPUTED_SERIES | keys("StudyInstanceUID")
     assert set(search(http, f"/studies/{s}/instances")[0]) == SERIES_V2 | INSTANCE_V2 | keys("StudyInstanceUID")
     assert set(search(http, f"/studies/{s}/series/{se}/instances")[0]) == INSTANCE_V2 | uids
     # filter attributes are added to the answer

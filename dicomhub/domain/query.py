@@ -34,7 +34,7 @@ from dicomhub.domain.errors import InvalidRequest
 from dicomhub.domain.extended_tags import attribute_of, normalize_datetime, normalize_time, single_precision
 from dicomhub.index import qido
 from dicomhub.index.extended_tags import ExtendedTag
-from dicomhub.index.records import ExtendedColumn, Partition, QidoQuery, QueryFilter
+from dicomhub.index.records import ExtendedColumn, Partition, QidoQuery, QidoRow, QueryFilter
 from dicomhub.index.repository import Index
 from dicomhub.index.schema import EXTENDED_READY
 
@@ -119,11 +119,12 @@ ALL_EXTRAS = {
     SERIES: _tags("SeriesNumber", "Laterality", "SeriesDate", "SeriesTime", "NumberOfSeriesRelatedInstances"),
     INSTANCE: (),
 }
+# Attributes computed from the index rather than read from the stored metadata, by the level whose rows carry them.
+# v2 returns them by default, as PS3.18's default sets (Tables 6.7.1-2 and 6.7.1-2a) do and viewers expect (OHIF
+# lists studies by them); v1 keeps Azure's default set (spec 4.5).
 COMPUTED = {
-    MODALITIES_IN_STUDY,
-    NUMBER_OF_STUDY_RELATED_SERIES,
-    NUMBER_OF_STUDY_RELATED_INSTANCES,
-    NUMBER_OF_SERIES_RELATED_INSTANCES,
+    STUDY: (MODALITIES_IN_STUDY, NUMBER_OF_STUDY_RELATED_SERIES, NUMBER_OF_STUDY_RELATED_INSTANCES),
+    SERIES: (NUMBER_OF_SERIES_RELATED_INSTANCES,),
 }
 
 # resource -> (result level, levels whose attributes may filter, levels whose default attributes are returned)
@@ -369,6 +370,20 @@ def _check_date(value: str, name: str) -> str:
     return value
 
 
+def _computed(level: str, row: QidoRow, modalities: dict[int, list[str]]) -> dict[int, tuple[str, list | None]]:
+    """The computed attributes of a result row (VR, values): the counts the index keeps on each study and series row
+    (the one source of them, whether asked by default or by includefield)."""
+    if level == STUDY:
+        return {
+            MODALITIES_IN_STUDY: ("CS", modalities.get(row.study_key)),
+            NUMBER_OF_STUDY_RELATED_SERIES: ("IS", [row.series_count]),
+            NUMBER_OF_STUDY_RELATED_INSTANCES: ("IS", [row.instance_count]),
+        }
+    if level == SERIES:
+        return {NUMBER_OF_SERIES_RELATED_INSTANCES: ("IS", [row.instance_count])}
+    return {}
+
+
 class QueryService:
     def __init__(self, index: Index) -> None:
         self.index = index
@@ -382,28 +397,18 @@ class QueryService:
         if not rows:
             return []
         wanted = self._wanted_tags(request, return_levels)
-        study_stats = (
-            qido.study_counts(self.index, [r.study_key for r in rows]) if level == STUDY and wanted & COMPUTED else {}
-        )
-        series_stats = (
-            qido.series_counts(self.index, [r.series_key for r in rows if r.series_key is not None])
-            if level == SERIES and NUMBER_OF_SERIES_RELATED_INSTANCES in wanted
+        modalities = (
+            qido.study_modalities(self.index, [r.study_key for r in rows])
+            if level == STUDY and MODALITIES_IN_STUDY in wanted
             else {}
         )
         results = []
         for row in rows:
             model = json.loads(row.document)
             out = {key: model[key] for key in sorted(tag_key(t) for t in wanted) if key in model}
-            if row.study_key in study_stats:
-                n_series, n_instances, modalities = study_stats[row.study_key]
-                if NUMBER_OF_STUDY_RELATED_SERIES in wanted:
-                    out[tag_key(NUMBER_OF_STUDY_RELATED_SERIES)] = {"vr": "IS", "Value": [n_series]}
-                if NUMBER_OF_STUDY_RELATED_INSTANCES in wanted:
-                    out[tag_key(NUMBER_OF_STUDY_RELATED_INSTANCES)] = {"vr": "IS", "Value": [n_instances]}
-                if MODALITIES_IN_STUDY in wanted and modalities:
-                    out[tag_key(MODALITIES_IN_STUDY)] = {"vr": "CS", "Value": modalities}
-            if row.series_key in series_stats and NUMBER_OF_SERIES_RELATED_INSTANCES in wanted:
-                out[tag_key(NUMBER_OF_SERIES_RELATED_INSTANCES)] = {"vr": "IS", "Value": [series_stats[row.series_key]]}
+            for tag, (vr, found) in _computed(level, row, modalities).items():
+                if tag in wanted and found:
+                    out[tag_key(tag)] = {"vr": vr, "Value": found}
             results.append(dict(sorted(out.items())))
         return results
 
@@ -418,6 +423,8 @@ class QueryService:
         wanted.update(request.include)
         wanted.update(request.filter_tags)
         level = RESOURCES[request.resource][0]
+        if request.api_version >= 2 and not request.include_all:
+            wanted.update(COMPUTED.get(level, ()))
         wanted.update(
             {STUDY_UID}
             if level == STUDY

@@ -160,12 +160,14 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
         stmt = stmt.where(study.c.partition_key == query.partition_key)
         order = study.c.watermark
+        counts = (study.c.instance_count, study.c.series_count)
     elif query.level == "series":
         stmt = select(series.c.study_key, series.c.series_key, series.c.watermark.label("wm"))
         stmt = stmt.join(study, study.c.study_key == series.c.study_key).where(
             series.c.partition_key == query.partition_key
         )
         order = series.c.watermark
+        counts = (series.c.instance_count,)
     else:
         stmt = select(instance.c.study_key, instance.c.series_key, instance.c.watermark.label("wm"))
         stmt = (
@@ -174,8 +176,9 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
             .where((instance.c.partition_key == query.partition_key) & (instance.c.status == INSTANCE_CREATED))
         )
         order = instance.c.watermark
+        counts = ()
     stmt = (
-        stmt.add_columns(instance_metadata.c.json)
+        stmt.add_columns(instance_metadata.c.json, *counts)
         .outerjoin(instance_metadata, instance_metadata.c.watermark == order)
         .where(*conditions)
         .order_by(order.desc())
@@ -184,44 +187,22 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     )
     with index.read() as conn:
         rows = conn.execute(stmt).all()
-    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}") for r in rows]
+    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}", *r[4:]) for r in rows]
 
 
-def study_counts(index: Index, study_keys: Sequence[int]) -> dict[int, tuple[int, int, list[str]]]:
-    """study_key -> (number of series, number of instances, modalities)."""
+def study_modalities(index: Index, study_keys: Sequence[int]) -> dict[int, list[str]]:
+    """study_key -> the modalities of its series, sorted (one read of their series rows, by the study key index)."""
     if not study_keys:
         return {}
     with index.read() as conn:
-        series_rows = conn.execute(
-            select(series.c.study_key, series.c.modality).where(series.c.study_key.in_(list(study_keys)))
-        ).all()
-        instance_rows = conn.execute(
-            select(instance.c.study_key, func.count())
-            .where(instance.c.study_key.in_(list(study_keys)) & (instance.c.status == INSTANCE_CREATED))
-            .group_by(instance.c.study_key)
-        ).all()
-    result: dict[int, tuple[int, int, list[str]]] = {}
-    modalities: dict[int, list[str]] = defaultdict(list)
-    series_count: dict[int, int] = defaultdict(int)
-    for key, modality in series_rows:
-        series_count[key] += 1
-        if modality and modality not in modalities[key]:
-            modalities[key].append(modality)
-    for key, count in instance_rows:
-        result[key] = (series_count[key], count, sorted(modalities[key]))
-    return result
-
-
-def series_counts(index: Index, series_keys: Sequence[int]) -> dict[int, int]:
-    if not series_keys:
-        return {}
-    with index.read() as conn:
         rows = conn.execute(
-            select(instance.c.series_key, func.count())
-            .where(instance.c.series_key.in_(list(series_keys)) & (instance.c.status == INSTANCE_CREATED))
-            .group_by(instance.c.series_key)
+            select(series.c.study_key, series.c.modality).where(series.c.study_key.in_(list(study_keys))).distinct()
         ).all()
-    return {k: c for k, c in rows}
+    modalities: dict[int, list[str]] = defaultdict(list)
+    for key, modality in rows:
+        if modality:
+            modalities[key].append(modality)
+    return {key: sorted(values) for key, values in modalities.items()}
 
 
-__all__ = ["COLUMNS", "MODALITIES_IN_STUDY", "search", "series_counts", "study_counts"]
+__all__ = ["COLUMNS", "MODALITIES_IN_STUDY", "search", "study_modalities"]

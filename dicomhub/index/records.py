@@ -107,3 +107,5 @@ class QidoRow:
     series_key: int | None
     watermark: int  # the instance whose metadata represents the row
     document: str  # that instance's DICOM JSON
+    instance_count: int | None = None  # study and series rows: their created instances
+    series_count: int | None = None  # study rows: their series

@@ -6,6 +6,7 @@ their change-feed rows, so the feed and the index never disagree.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,8 @@ from dicomhub.index.schema import (
 
 # Store time, inside the commit: indexes extended query tags of (instance, study key, series key, instance key) each.
 ExtendedIndexer = Callable[[Connection, list[tuple[NewInstance, int, int, int]]], None]
+# Study and series columns that count created instances (and a study's series): changed by increments only.
+COUNT_COLUMNS = {"instance_count", "series_count"}
 
 
 class InstanceExists(Exception):
@@ -144,6 +147,11 @@ class Index:
         )
         self._upsert_study = self._level_upsert(study, ["partition_key", "study_uid"], study.c.study_key)
         self._upsert_series = self._level_upsert(series, ["study_key", "series_uid"], series.c.series_key)
+        self._count_new_series = (
+            update(study)
+            .where(study.c.study_key == bindparam("b_study_key"))
+            .values(series_count=study.c.series_count + 1)
+        )
         self._mark_created = (
             update(instance)
             .where((instance.c.watermark == bindparam("b_watermark")) & (instance.c.status == INSTANCE_CREATING))
@@ -163,12 +171,18 @@ class Index:
         self._add_words = self._insert(name_word).on_conflict_do_nothing()
 
     def _level_upsert(self, table, conflict: list[str], key_col):
-        """Insert-or-update of a study or series row: the newest instance's non-empty values win."""
+        """Insert-or-update of a study or series row for one more instance: the newest instance's non-empty values
+        win and the row counts the instance. Returns the key and the row's instance count.
+
+        The row stays locked to the commit, so the stores of one study take turns from here on and counts are
+        exact (PostgreSQL: the increment applies to the row as the previous store committed it)."""
         stmt = self._insert(table)
-        keep = set(conflict) | {"partition_key", "watermark", key_col.name}
+        keep = set(conflict) | {"partition_key", "watermark", key_col.name} | COUNT_COLUMNS
         updates = {c.name: func.coalesce(stmt.excluded[c.name], c) for c in table.c if c.name not in keep}
         updates["watermark"] = self._greatest(table.c.watermark, stmt.excluded.watermark)
-        return stmt.on_conflict_do_update(index_elements=conflict, set_=updates).returning(key_col)
+        updates["instance_count"] = table.c.instance_count + 1
+        conflict_update = stmt.on_conflict_do_update(index_elements=conflict, set_=updates)
+        return conflict_update.returning(key_col, table.c.instance_count)
 
     def begin_creates(
         self, partition_key: int, uids: Sequence[tuple[str, str, str]], stale_before: datetime
@@ -225,25 +239,30 @@ class Index:
         with self._write() as conn:
             created: list[tuple[NewInstance, int, int, int]] = []
             for new in news:
-                study_key = conn.execute(
+                study_key, _ = conn.execute(
                     self._upsert_study,
                     {
                         "partition_key": new.partition_key,
                         "study_uid": new.study_uid,
                         "watermark": new.watermark,
+                        "instance_count": 1,
+                        "series_count": 0,
                         **new.values.study,
                     },
-                ).scalar_one()
-                series_key = conn.execute(
+                ).one()
+                series_key, series_instances = conn.execute(
                     self._upsert_series,
                     {
                         "partition_key": new.partition_key,
                         "study_key": study_key,
                         "series_uid": new.series_uid,
                         "watermark": new.watermark,
+                        "instance_count": 1,
                         **new.values.series,
                     },
-                ).scalar_one()
+                ).one()
+                if series_instances == 1:  # the series' first instance: the study has one series more
+                    conn.execute(self._count_new_series, {"b_study_key": study_key})
                 marked = conn.execute(
                     self._mark_created,
                     {
@@ -418,8 +437,10 @@ class Index:
             watermarks = [v.watermark for v in victims]
             # an updated instance goes with its original version (metadata and file) too
             originals = [v.original_watermark for v in victims if v.original_watermark is not None]
+            removed: list[tuple[int, int]] = []  # (study, series) of each row this transaction deleted
             for chunk in _chunks(watermarks, 500):
-                conn.execute(delete(instance).where(instance.c.watermark.in_(chunk)))
+                deleted = delete(instance).where(instance.c.watermark.in_(chunk))
+                removed += conn.execute(deleted.returning(instance.c.study_key, instance.c.series_key)).tuples().all()
             for chunk in _chunks(watermarks + originals, 500):
                 conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
             now = _now()
@@ -428,6 +449,7 @@ class Index:
                 insert(blob_cleanup),
                 [{"blob_key": key, "delete_after": now + delete_after, "attempts": 0} for key in keys],
             )
+            self._uncount(conn, removed)
             for series_key in {v.series_key for v in victims}:
                 self._refresh_level(conn, series, series.c.series_key, instance.c.series_key, series_key, reindex)
             for study_key in {v.study_key for v in victims}:
@@ -447,6 +469,25 @@ class Index:
                 ],
             )
             return len(victims)
+
+    @staticmethod
+    def _uncount(conn: Connection, removed: list[tuple[int, int]]) -> None:
+        """Takes deleted instances off their study's and series' counts, and a series left with none off its study's
+        series count. Only the rows this transaction deleted count (a concurrent delete of the same instances took
+        its own off); studies first, the order a store locks them in."""
+        by_study = Counter(study_key for study_key, _ in removed)
+        by_series = Counter(removed)
+        for study_key, count in by_study.items():
+            of_study = update(study).where(study.c.study_key == study_key)
+            conn.execute(of_study.values(instance_count=study.c.instance_count - count))
+        for (study_key, series_key), count in by_series.items():
+            of_series = update(series).where(series.c.series_key == series_key)
+            left = conn.execute(
+                of_series.values(instance_count=series.c.instance_count - count).returning(series.c.instance_count)
+            ).scalar()
+            if left == 0:
+                of_study = update(study).where(study.c.study_key == study_key)
+                conn.execute(of_study.values(series_count=study.c.series_count - 1))
 
     @staticmethod
     def _refresh_level(conn: Connection, table, key_col, instance_fk, key: int, reindex) -> None:

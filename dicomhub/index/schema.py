@@ -79,6 +79,9 @@ study = Table(
     Column("referring_physician_name", String(324)),
     Column("study_date", String(8)),
     Column("study_description", String(64)),
+    # created instances and their series, kept by the store and delete transactions (QIDO's NumberOfStudyRelated*)
+    Column("series_count", Integer, nullable=False, server_default=text("0")),
+    Column("instance_count", Integer, nullable=False, server_default=text("0")),
     UniqueConstraint("partition_key", "study_uid"),
     Index(None, "partition_key", "watermark"),
     Index(None, "partition_key", "patient_id"),
@@ -99,6 +102,7 @@ series = Table(
     Column("modality", String(16)),
     Column("pps_start_date", String(8)),
     Column("manufacturer_model_name", String(64)),
+    Column("instance_count", Integer, nullable=False, server_default=text("0")),  # created instances, as on study
     UniqueConstraint("study_key", "series_uid"),
     Index(None, "partition_key", "watermark"),
     Index(None, "partition_key", "series_uid"),
