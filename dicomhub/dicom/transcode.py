@@ -49,6 +49,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicomhub.dicom.frames import image_attribute
+from dicomhub.dicom.validation import pydicom_error
+
 UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 # Syntaxes whose Pixel Data is native (not encapsulated) once the dataset is read
 NATIVE = UNCOMPRESSED | {DeflatedExplicitVRLittleEndian}
@@ -151,7 +154,7 @@ def _element_swap_width(elem: DataElement, ds: Dataset) -> int:
     if int(elem.tag) == _PIXEL_DATA:
         if elem.is_undefined_length:
             return 1  # encapsulated fragments are byte streams
-        return pixel_swap_width(int(ds.get("BitsAllocated", 16) or 16), elem.VR)
+        return pixel_swap_width(image_attribute(ds, "BitsAllocated", 16), elem.VR)
     if elem.VR in _SWAP_WIDTH:
         return _SWAP_WIDTH[elem.VR]
     if "OW" in elem.VR:  # an ambiguous VR such as 'US or OW' still holding raw bytes
@@ -176,7 +179,7 @@ def little_endian_pixel_data(ds: Dataset, source: str) -> bytes:
     raw = ds.PixelData
     if UID(source).is_little_endian:
         return raw
-    return swap_bytes(raw, pixel_swap_width(int(ds.get("BitsAllocated", 16) or 16), ds["PixelData"].VR))
+    return swap_bytes(raw, pixel_swap_width(image_attribute(ds, "BitsAllocated", 16), ds["PixelData"].VR))
 
 
 # -- whole files ---------------------------------------------------------------------------------------------------
@@ -192,16 +195,16 @@ def transcode(ds: Dataset, target: str) -> bytes:
                 _decompress(ds)
             else:
                 _compress(ds, dst)
+        # Encapsulated sources are little endian, and so is Pixel Data decoded from them: one rule for every value
+        if source.is_little_endian != dst.is_little_endian:
+            _swap_binary_values(ds)
+        ds.file_meta.TransferSyntaxUID = dst
+        out = io.BytesIO()
+        dcmwrite(out, ds, implicit_vr=dst.is_implicit_VR, little_endian=dst.is_little_endian, force_encoding=True)
     except TranscodeError:
         raise
-    except Exception as exc:  # codecs raise anything from ValueError to RuntimeError on data they cannot handle
-        raise TranscodeError(str(exc)) from exc
-    # Encapsulated sources are little endian, and so is Pixel Data decoded from them: one rule for every value
-    if source.is_little_endian != dst.is_little_endian:
-        _swap_binary_values(ds)
-    ds.file_meta.TransferSyntaxUID = dst
-    out = io.BytesIO()
-    dcmwrite(out, ds, implicit_vr=dst.is_implicit_VR, little_endian=dst.is_little_endian, force_encoding=True)
+    except Exception as exc:  # codecs, and pydicom on values it cannot decode (an unknown VR, a wrong length)
+        raise TranscodeError(pydicom_error(exc)) from exc
     return out.getvalue()
 
 

@@ -87,8 +87,14 @@ def element_error(elem: DataElement, trim_nul: bool) -> str | None:
 
 def undecodable(tag: int, exc: Exception) -> str:
     """The error of an element whose bytes pydicom cannot turn into a value (bad VR, bad length, bad encoding)."""
-    detail = _PYDICOM_HINT.sub("", str(exc)).split("\n")[0][:200]
-    return f"Dicom element '{keyword_of(tag)}' could not be decoded: {detail}"
+    return f"Dicom element '{keyword_of(tag)}' could not be decoded: {pydicom_error(exc)}"
+
+
+def pydicom_error(exc: Exception) -> str:
+    """An error of pydicom's as one short line: its messages may carry whole tracebacks (its writer puts one in per
+    nesting level) and a link to the standard."""
+    text = _PYDICOM_HINT.sub("", str(exc)).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def decoded_elements(ds) -> Iterator[tuple[int, DataElement | None, Exception | None]]:
@@ -140,6 +146,7 @@ __all__ = [
     "element_error",
     "error_comment",
     "invalid_character",
+    "pydicom_error",
     "undecodable",
     "values_of",
 ]

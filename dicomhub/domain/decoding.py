@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pydicom.dataset import Dataset
 
 from dicomhub.config import Settings
+from dicomhub.dicom.frames import ImageAttributeError, ImageGeometry, image_geometry
 from dicomhub.domain.errors import NotAcceptable
 
 
@@ -24,14 +25,13 @@ def too_large_message(limit: int) -> str:
     )
 
 
-def decoded_size(ds: Dataset) -> int:
-    """Bytes the pixel data of ``ds`` takes once decoded (every frame), from its header alone."""
-    rows = int(ds.get("Rows", 0) or 0)
-    columns = int(ds.get("Columns", 0) or 0)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 8) or 8)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return rows * columns * samples * max(1, (bits + 7) // 8) * max(1, frames)
+def pixel_geometry(ds: Dataset) -> ImageGeometry:
+    """The image attributes of a stored file, or a 406 that names the damaged one: a file stored with
+    NumberOfFrames ``abc`` or Rows of an unknown VR is kept (as Azure keeps it), but its pixels cannot be decoded."""
+    try:
+        return image_geometry(ds)
+    except ImageAttributeError as exc:
+        raise NotAcceptable(f"The pixel data of the instance cannot be decoded: {exc}") from None
 
 
 class DecodeLimiter:
@@ -45,17 +45,18 @@ class DecodeLimiter:
         if file_size > self.max_file_size:
             raise NotAcceptable(too_large_message(self.max_file_size))
 
-    def check_pixels(self, ds: Dataset, frames: int | None = None) -> None:
+    def check_pixels(self, ds: Dataset, frames: int | None = None) -> ImageGeometry:
         """406 when decoding ``frames`` frames (default: all) of ``ds`` would need more than the configured size:
-        a small file that declares huge Rows x Columns x Frames must not make the server allocate them."""
-        size = decoded_size(ds)
-        if frames is not None:
-            size = size // max(1, int(ds.get("NumberOfFrames", 1) or 1)) * frames
+        a small file that declares huge Rows x Columns x Frames must not make the server allocate them; 406 too
+        when an image attribute is damaged (:func:`pixel_geometry`). Returns the checked geometry."""
+        geometry = pixel_geometry(ds)
+        size = geometry.decoded_size // geometry.frames * (geometry.frames if frames is None else frames)
         if size > self.max_decoded_size:
             raise NotAcceptable(
                 f"Decoding the pixel data would need {size} bytes, above the supported limit of "
                 f"{self.max_decoded_size}. Retrieve it with transfer-syntax=* instead."
             )
+        return geometry
 
     @contextmanager
     def slot(self) -> Iterator[None]:

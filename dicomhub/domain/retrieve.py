@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import pydicom
@@ -16,7 +17,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.config import Settings
-from dicomhub.dicom.frames import native_frame_length
+from dicomhub.dicom.integrity import structure_damage
 from dicomhub.dicom.transcode import (
     NATIVE,
     TranscodeError,
@@ -26,8 +27,9 @@ from dicomhub.dicom.transcode import (
     transcode,
     transcode_frame,
 )
-from dicomhub.domain.decoding import DecodeLimiter
-from dicomhub.domain.errors import InvalidRequest, NotAcceptable, ResourceNotFound
+from dicomhub.dicom.validation import pydicom_error
+from dicomhub.domain.decoding import DecodeLimiter, pixel_geometry
+from dicomhub.domain.errors import DicomHubError, InvalidRequest, NotAcceptable, ResourceNotFound
 from dicomhub.index.records import Partition, StoredInstance
 from dicomhub.index.repository import Index
 
@@ -89,8 +91,7 @@ class RetrieveService:
         stored = inst.transfer_syntax_uid
         if target in (ORIGINAL, stored):
             return Part(stored, self.blobs.iter_range(inst.blob_key))
-        with self.blobs.open(inst.blob_key) as f:
-            ds = pydicom.dcmread(f)
+        ds = self._read(inst)
         try:
             if not needs_pixel_decoding(stored, target):
                 return Part(target, iter([transcode(ds, target)]))
@@ -155,13 +156,27 @@ class RetrieveService:
             if header is not None:
                 self._headers.move_to_end(inst.blob_key)
                 return header
-        with self.blobs.open(inst.blob_key) as f:
-            header = pydicom.dcmread(f, stop_before_pixels=True)
+        header = self._read(inst, stop_before_pixels=True)
         with self._headers_lock:
             self._headers[inst.blob_key] = header
             while len(self._headers) > HEADER_CACHE_SIZE:
                 self._headers.popitem(last=False)
         return header
+
+    def _read(self, inst: StoredInstance, stop_before_pixels: bool = False) -> Dataset:
+        """The stored file parsed (whole, or up to its pixel data), or a 406 that says why it cannot be. Its
+        structure is checked first, as at store time: a file stored before that check could nest sequences deep
+        enough to make pydicom recurse (and its writer re-wrap tracebacks) without bound."""
+        with self.blobs.open(inst.blob_key) as f:
+            settings = self.settings
+            damage = structure_damage(f, inst.file_size, settings.max_sequence_depth, settings.max_transcode_size)
+            if damage is not None:
+                raise NotAcceptable(f"The stored file cannot be read: {damage.message}")
+            f.seek(0)
+            try:
+                return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
+            except Exception as exc:  # pydicom raises anything on bytes it cannot interpret
+                raise NotAcceptable(f"The stored file cannot be read: {pydicom_error(exc)}") from None
 
     def _ranges(self, inst: StoredInstance, fragments: list[list[int]]) -> Iterator[bytes]:
         for offset, length in fragments:
@@ -171,14 +186,17 @@ class RetrieveService:
         """(dataset, the requested frames) of the parsed file: native pixel bytes (swapped to little endian when
         asked and needed), or the joined fragments of each frame of encapsulated pixel data."""
         self.decoding.check_file(inst.file_size)
-        with self.blobs.open(inst.blob_key) as f:
-            ds = pydicom.dcmread(f)
+        ds = self._read(inst)
         if "PixelData" not in ds:
             raise ResourceNotFound(NO_PIXEL_DATA)
-        frames = _all_frames(ds, inst.transfer_syntax_uid, inst.frame_count, little_endian)
-        if any(n > len(frames) for n in numbers):
-            raise ResourceNotFound(f"The specified frame {max(numbers)} cannot be found.")
-        return ds, [frames[n - 1] for n in numbers]
+        try:
+            if inst.transfer_syntax_uid in NATIVE:
+                return ds, _native_frames(ds, inst.transfer_syntax_uid, numbers, little_endian)
+            return ds, _encapsulated_frames(ds, numbers, inst.frame_count)
+        except DicomHubError:
+            raise
+        except Exception as exc:  # pixel data whose value or offset tables pydicom cannot read
+            raise NotAcceptable(f"The frames of the instance cannot be extracted: {pydicom_error(exc)}") from None
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def metadata(
@@ -202,29 +220,50 @@ def _cannot_transcode(what: str, source: str, target: str, reason: Exception | N
     return f"{message} {reason}" if reason is not None else message
 
 
-def _all_frames(ds: Dataset, syntax: str, count: int, little_endian: bool) -> list[bytes]:
-    """Every frame of a parsed file: native pixel bytes, or the joined fragments of encapsulated frames."""
-    if syntax not in NATIVE:
-        extended = None
-        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
-        return [b"".join(fragments) for fragments in frames][:count]
+def _frame_missing(number: int) -> ResourceNotFound:
+    return ResourceNotFound(f"The specified frame {number} cannot be found.")
+
+
+def _native_frames(ds: Dataset, syntax: str, numbers: list[int], little_endian: bool) -> list[bytes]:
+    """The requested frames (1-based) of native pixel data, each copied out alone: a file of a million one-byte
+    frames must not become a million objects. 1-bit frames need not start on a byte boundary: each is repacked."""
+    geometry = pixel_geometry(ds)
     raw = little_endian_pixel_data(ds, syntax) if little_endian else ds.PixelData
-    if int(ds.get("BitsAllocated", 0) or 0) == 1:
-        return _bit_packed_frames(raw, ds, count)
-    length = native_frame_length(ds)
-    if not length:
-        raise NotAcceptable("The frames of the instance cannot be extracted: unknown frame size.")
-    return [raw[i * length : (i + 1) * length] for i in range(min(count, len(raw) // length))]
+    length = geometry.frame_length
+    if length is not None:
+        available = min(geometry.frames, len(raw) // length)
+    else:
+        pixels = geometry.rows * geometry.columns * geometry.samples_per_pixel
+        available = min(geometry.frames, len(raw) * 8 // pixels)
+    frames = []
+    for number in numbers:
+        if number > available:
+            raise _frame_missing(number)
+        if length is not None:
+            frames.append(raw[(number - 1) * length : number * length])
+            continue
+        first_bit = (number - 1) * pixels
+        packed = np.frombuffer(raw[first_bit // 8 : (first_bit + pixels + 7) // 8], dtype=np.uint8)
+        bits = np.unpackbits(packed, bitorder="little")[first_bit % 8 : first_bit % 8 + pixels]
+        frames.append(np.packbits(bits, bitorder="little").tobytes())
+    return frames
 
 
-def _bit_packed_frames(raw: bytes, ds: Dataset, count: int) -> list[bytes]:
-    """Frames of 1-bit pixel data, where frames need not start on a byte boundary: each one repacked on its own."""
-    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-    available = min(count, len(bits) // pixels)
-    return [np.packbits(bits[i * pixels : (i + 1) * pixels], bitorder="little").tobytes() for i in range(available)]
+def _encapsulated_frames(ds: Dataset, numbers: list[int], count: int) -> list[bytes]:
+    """The requested frames (1-based) of encapsulated pixel data, each its fragments joined; only those are kept."""
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    wanted = set(numbers)
+    found: dict[int, bytes] = {}
+    frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
+    for number, fragments in enumerate(islice(frames, max(numbers)), start=1):
+        if number in wanted:
+            found[number] = b"".join(fragments)
+    for number in numbers:
+        if number not in found:
+            raise _frame_missing(number)
+    return [found[number] for number in numbers]
 
 
 MAX_FRAME_NUMBER = 2**31 - 1  # Azure reads frame numbers as 32-bit integers: a larger one is not a number (400)

@@ -5,8 +5,10 @@ instances visible with their change-feed entries. A crash in between leaves only
 rolls back (at start-up in the embedded mode, once older than ``DICOMHUB_STALE_CREATE_SECONDS`` otherwise); it never
 leaves a visible instance without its file.
 
-A file is refused (43264) before anything is reserved when it cannot be parsed, ends inside an element (an upload
-cut short), or has an unknown transfer syntax.
+A file is refused (43264, Azure's validation failure for unreadable DICOM: spec 2.3) before anything is reserved
+when it cannot be parsed, ends inside an element, item or sequence (an upload cut short), nests sequences deeper
+than ``DICOMHUB_MAX_SEQUENCE_DEPTH``, or has an unknown transfer syntax. 272 (processing failure) is kept for what
+goes wrong on the server's side: reading the spooled upload, writing the file, the index commit.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pydicom.uid import UID
 
 from dicomhub.blobs.base import BlobStore, Staged
 from dicomhub.config import Settings
-from dicomhub.dicom.frames import index_frames, number_of_frames
-from dicomhub.dicom.integrity import truncation
+from dicomhub.dicom.frames import ImageAttributeError, image_geometry, index_frames
+from dicomhub.dicom.integrity import structure_damage
 from dicomhub.dicom.json_model import dataset_to_json
 from dicomhub.dicom.tags import format_tag
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
@@ -34,6 +36,7 @@ from dicomhub.dicom.validation import (
     element_error,
     error_comment,
     invalid_character,
+    pydicom_error,
     undecodable,
     values_of,
 )
@@ -202,7 +205,13 @@ class StoreService:
     ) -> _Prepared:
         staged.zero_preamble()
         with staged.open() as f:
-            return self._prepare_open(partition, staged, f, api_version, path_study, result)
+            try:
+                return self._prepare_open(partition, staged, f, api_version, path_study, result)
+            except _Rejected:
+                raise
+            except Exception as exc:  # pydicom raises anything on bytes it cannot interpret: the upload's fault
+                log.warning("unreadable upload", extra={"sop_uid": result.sop_uid}, exc_info=True)
+                raise _Rejected(VALIDATION_FAILURE, _unreadable(exc)) from None
 
     def _prepare_open(
         self,
@@ -213,7 +222,9 @@ class StoreService:
         path_study: str | None,
         result: StoreResult,
     ) -> _Prepared:
-        ds, pixel_offset, size, raw_nul = _read_header(f)
+        ds, pixel_offset, size, raw_nul = _read_header(
+            f, self.settings.max_sequence_depth, self.settings.max_transcode_size
+        )
         result.sop_class_uid = _text(ds, SOP_CLASS_UID)
         result.sop_uid = _text(ds, SOP_UID)
         lenient = api_version >= 2
@@ -248,12 +259,11 @@ class StoreService:
         values, result.multiple_values_indexed = indexed_values(model)
         frames, frame_count = None, 0
         if "Rows" in ds:
-            try:  # frame ranges only speed up frame retrieval: a damaged image attribute must not fail the store
-                frame_count = number_of_frames(ds)
-                frames = index_frames(f, pixel_offset, size, ds, ts)
-            except Exception:
-                log.warning("pixel data could not be indexed", extra={"sop_uid": sop_uid}, exc_info=True)
-                frames, frame_count = None, frame_count or 1
+            try:
+                frame_count = image_geometry(ds).frames
+            except ImageAttributeError:  # kept (v2 warns about the value); retrieving its pixels is a 406 naming it
+                frame_count = 1
+            frames = index_frames(f, pixel_offset, size, ds, ts)
         instance = NewInstance(
             partition_key=partition.key,
             watermark=0,
@@ -335,28 +345,33 @@ def _text(ds: Dataset, tag: int) -> str:
     return "" if elem is None or elem.value is None else str(elem.value)
 
 
-def _read_header(f: BinaryIO) -> tuple[Dataset, int, int, set[int]]:
-    """Parses everything before the pixel data.
+def _unreadable(exc: Exception) -> str:
+    return f"The DICOM file could not be read: {pydicom_error(exc)}"
+
+
+def _read_header(f: BinaryIO, max_depth: int, max_inflated: int) -> tuple[Dataset, int, int, set[int]]:
+    """Checks the file's structure (:func:`structure_damage`), then parses everything before the pixel data.
 
     Returns (dataset, pixel offset, size, tags of strictly validated attributes whose raw value holds a NUL).
     """
+    size = f.seek(0, 2)
+    damage = structure_damage(f, size, max_depth, max_inflated)
+    if damage is not None:
+        comment = error_comment(damage.tag, damage.message[:1].upper() + damage.message[1:])
+        kind = "is truncated" if damage.truncated else "cannot be stored"
+        raise _Rejected(VALIDATION_FAILURE, f"The DICOM file {kind}: {damage.message}", [comment])
+    f.seek(0)
     try:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         offset = f.tell()
-        size = f.seek(0, 2)
-    except Exception as exc:  # whatever stops the parser (bad lengths, bad VRs, truncation) makes it unreadable
-        raise _Rejected(VALIDATION_FAILURE, f"The DICOM file could not be read: {exc}") from None
+    except Exception as exc:  # whatever else stops the parser (bad lengths, bad VRs) makes it unreadable
+        raise _Rejected(VALIDATION_FAILURE, _unreadable(exc)) from None
     if "TransferSyntaxUID" not in ds.file_meta:
         raise _Rejected(VALIDATION_FAILURE, "The DICOM file has no file meta information (Transfer Syntax UID).")
     ts = UID(str(ds.file_meta.TransferSyntaxUID).rstrip("\0 "))
     if not ts.is_transfer_syntax:
         message = f"The transfer syntax '{ts}' is not a known transfer syntax."
         raise _Rejected(VALIDATION_FAILURE, message, [error_comment(0x00020010, message)])
-    cut = truncation(f, ds, offset, size)
-    if cut is not None:
-        tag, message = cut
-        comment = error_comment(tag, message[:1].upper() + message[1:])
-        raise _Rejected(VALIDATION_FAILURE, f"The DICOM file is truncated: {message}", [comment])
     return ds, offset, size, _raw_nul_tags(ds)
 
 
