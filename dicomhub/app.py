@@ -32,6 +32,7 @@ from dicomhub.api import (
     wado,
 )
 from dicomhub.api.errors import install_error_handlers
+from dicomhub.auth.actions import OPEN_ROUTES
 from dicomhub.auth.middleware import install_security
 from dicomhub.config import Settings
 from dicomhub.services import Services, build_services
@@ -135,7 +136,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(extended_tags.router)  # global: no partition route
     app.include_router(health.router)
     app.include_router(home.router)
-    openapi.install(app)
+    openapi.install(app, OPEN_ROUTES if settings.auth_enabled else None)
 
     install_security(app, settings)  # inside the request log and CORS: refusals are logged and carry CORS
     app.add_middleware(ObserveMiddleware)

@@ -176,6 +176,25 @@ def test_root_page_names_the_service_and_links_to_the_docs(http):
     assert head.headers["content-type"].startswith("text/html")
 
 
+def test_with_authentication_every_route_but_the_open_ones_declares_the_bearer_token(tmp_path_factory):
+    srv = start_server(
+        tmp_path_factory, "sqlite", auth_enabled="true", auth_authority="http://127.0.0.1:9", auth_audience="dicomhub"
+    )
+    try:
+        document = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
+    finally:
+        srv.stop()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["security"] == [{"bearer": []}]
+    assert (
+        document["paths"]["/"]["get"]["security"] == [] and document["paths"]["/health/check"]["get"]["security"] == []
+    )
+    for path, method, operation in _operations(document):
+        if path.startswith("/v{version}"):
+            assert "security" not in operation and {"401", "403"} <= set(operation["responses"]), (method, path)
+    schemathesis.openapi.from_dict(document).validate()
+
+
 # -- schemathesis ------------------------------------------------------------------------------------------------------
 BOUNDARY = "schemathesis-boundary"
 SEEDED = make_instance(frames=3, rows=8, columns=8, PatientName="Fuzz^Seed")

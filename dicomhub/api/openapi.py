@@ -607,6 +607,31 @@ HEALTH_DOC = route_doc(
 _PATH_NAMES = re.compile(r"\{(\w+)\}")
 
 
+BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "bearerFormat": "JWT",
+    "description": "An OpenID Connect access token of DICOMHUB_AUTH_AUTHORITY for DICOMHUB_AUTH_AUDIENCE.",
+}
+REFUSALS = {
+    401: answer("No valid bearer token (WWW-Authenticate says why).", TEXT),
+    403: answer("The token's roles do not grant the route's data action.", TEXT),
+    503: answer("The token could not be checked: the identity provider does not answer (Retry-After).", TEXT),
+}
+
+
+def _secure(document: Json, open_paths: frozenset[str]) -> None:
+    """Every route outside ``open_paths`` takes a bearer token and may refuse with 401 or 403."""
+    document["components"]["securitySchemes"] = {"bearer": BEARER}
+    document["security"] = [{"bearer": []}]
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            if path in open_paths:
+                operation["security"] = []
+            else:
+                operation["responses"].update({str(code): refusal for code, refusal in REFUSALS.items()})
+
+
 def _complete(document: Json) -> None:
     """Path parameters declared by name (FastAPI's bare strings replaced), parameters listed once, no 422."""
     for path, item in document["paths"].items():
@@ -625,13 +650,16 @@ def _complete(document: Json) -> None:
     schemas.update(SCHEMAS)
 
 
-def install(app: FastAPI) -> None:
-    """Serves the completed document at /openapi.json (built once, on first use)."""
+def install(app: FastAPI, open_paths: frozenset[str] | None = None) -> None:
+    """Serves the completed document at /openapi.json (built once, on first use); with ``open_paths`` (bearer
+    authentication on), every other route declares the bearer token and its refusals."""
 
     def openapi() -> Json:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _complete(document)
+            if open_paths is not None:
+                _secure(document, open_paths)
             app.openapi_schema = document
         return app.openapi_schema
 
