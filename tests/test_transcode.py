@@ -139,8 +139,11 @@ def encodable(ds: Dataset, target: str) -> bool:
         return bits in (8, 16, 24) and stored_bits <= 24 and not small and not (palette and target == J2K)
     if bits not in (8, 16):
         return False
+    frame_bytes = int(ds.Rows) * int(ds.Columns) * samples * bits // 8
     if target in (JPEG_LOSSLESS, JPEG_SV1):  # GDCM's encoder: frames of an even number of bytes
-        return int(ds.Rows) * int(ds.Columns) * samples * bits // 8 % 2 == 0
+        return frame_bytes % 2 == 0
+    if target == JLS and frame_bytes < 64:  # pyjpegls sizes its output to the input: a tiny frame overflows it
+        return False
     if target in (JLS, JLS_NEAR):
         return stored_bits >= 2 and not (palette and target == JLS_NEAR) and not (samples == 3 and signed)
     return True
