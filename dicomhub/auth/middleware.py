@@ -164,7 +164,10 @@ class SecurityMiddleware:
             kind = message["type"]
             if kind in ("http.response.start", "websocket.http.response.start"):
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-Id", request_id)
+                if _bodiless(scope, status, headers):
+                    audit()  # the head is the whole answer: the client has it once it is sent
             elif kind == "websocket.accept":
                 status = 101
                 message.setdefault("headers", [])
@@ -252,6 +255,10 @@ def _bearer_token(scope: Scope) -> str | None:
             if key == "access_token":
                 return value
     return None
+
+
+def _bodiless(scope: Scope, status: int, headers: MutableHeaders) -> bool:
+    return status in (204, 304) or status < 200 or scope.get("method") == "HEAD" or headers.get("content-length") == "0"
 
 
 def _request_id(scope: Scope) -> str:
