@@ -144,8 +144,8 @@ def damaged_files(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(data=damaged_files())
 def test_header_reader_refuses_or_reads_without_unbounded_recursion(data):
-    """The store's parse either refuses a file (43264 with a reason) or gives a data set whose every element
-    converts, nested ones included, without reaching the recursion limit."""
+    """The store's parse either refuses a file (43264 with a reason) or gives a data set that converts to the
+    metadata JSON, and whose nested elements convert (or fail one by one) without reaching the recursion limit."""
     f = io.BytesIO(data)
     started = time.monotonic()
     try:
@@ -157,7 +157,12 @@ def test_header_reader_refuses_or_reads_without_unbounded_recursion(data):
         assert time.monotonic() - started < 5
     assert offset <= size == len(data)
     dataset_to_json(ds)  # raises nothing: damaged elements are left out one by one
-    ds.walk(lambda *_: None)  # converts every nested element; a RecursionError would come out here
+    try:
+        ds.walk(lambda *_: None)  # converts every nested element: a damaged one may fail, but not by recursion
+    except RecursionError:
+        raise
+    except Exception as exc:
+        assert "maximum recursion depth" not in str(exc)
 
 
 @st.composite
@@ -200,7 +205,7 @@ def test_nesting_depth_is_bounded_exactly(depth, undefined):
 
 
 # -- through HTTP --------------------------------------------------------------------------------------------------
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=80)
 @given(data=damaged_files(), version=st.sampled_from(["v1", "v2"]))
 def test_damaged_files_through_http_never_cause_a_server_error(http, data, version):
     data = _fresh_uids(data)
