@@ -4,6 +4,7 @@
 #   source scripts/services.sh
 #   ensure_packages                      # apt-get only when something is missing
 #   ensure_oidc_provider [DIR]           # npm ci of the auth tests' OpenID provider, when missing
+#   ensure_ohif                          # OHIF Viewer's dist/ for tests/test_ohif.py, when missing
 #   start_postgres [PORT]                # default 55432; exports DICOMHUB_TEST_POSTGRES_URL
 #   start_orthanc NAME HTTP_PORT DICOM_PORT [DICOMWEB_PEER_URL]
 #   stop_all                             # stops everything recorded in the state dir
@@ -16,7 +17,7 @@
 # from an interactive shell as well as from `set -e` scripts.
 
 SVC_STATE=${CI_STATE:-/tmp/dicomhub-services}
-SVC_PACKAGES=(postgresql orthanc orthanc-dicomweb dcmtk)
+SVC_PACKAGES=(postgresql orthanc orthanc-dicomweb dcmtk chromium)
 ORTHANC_BIN=/usr/sbin/Orthanc
 ORTHANC_DICOMWEB_PLUGIN=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
@@ -59,7 +60,8 @@ _svc_packages_missing() {
   done
 }
 
-# ensure_packages : install postgresql, orthanc, orthanc-dicomweb and dcmtk when missing.
+# ensure_packages : install postgresql, orthanc, orthanc-dicomweb, dcmtk and chromium (for the OHIF
+# tests, driven by Playwright) when missing.
 ensure_packages() {
   local missing
   missing=$(_svc_packages_missing | tr '\n' ' ')
@@ -86,6 +88,13 @@ ensure_oidc_provider() {
   command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the auth tests need node and npm"; return 1; }
   _svc_log "installing the OIDC test provider (npm ci in $dir)"
   (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
+}
+
+# ensure_ohif : OHIF Viewer's prebuilt dist/ (npm @ohif/app, pinned in tests/support/ohif/package.json)
+# for tests/test_ohif.py; install.sh does nothing when the pinned version is there.
+ensure_ohif() {
+  command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the OHIF tests need node and npm"; return 1; }
+  bash tests/support/ohif/install.sh
 }
 
 # start_postgres [PORT] : private throwaway cluster on 127.0.0.1:PORT (default 55432), database
