@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         1024, description="In metadata with bulk data, values longer than this (bytes) become BulkDataURI."
     )
     fsync: bool = Field(True, description="fsync files before acknowledging a store (durability).")
+    blob_url: str | None = Field(
+        None,
+        description="Where DICOM files live: file:///path (default: data_dir/blobs), s3://bucket[/prefix] "
+        "(AWS_* variables) or azure://container[/prefix] (AZURE_STORAGE_* variables).",
+    )
+    blob_allow_http: bool = Field(
+        False, description="Allow plain http object-store endpoints off loopback (S3 endpoint, Azure blob endpoint)."
+    )
+    export_roots: str = Field(
+        "", description="Comma-separated folders that filesystem export and import may use (none by default)."
+    )
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
     gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")
     delete_delay_seconds: float = Field(

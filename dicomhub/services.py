@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pydicom.config
 
 from dicomhub.blobs.base import BlobStore
 from dicomhub.blobs.filesystem import FileSystemBlobStore
+from dicomhub.blobs.object_store import ObjectBlobStore, StoreConfigurationError, check_reachable, store_from_url
 from dicomhub.config import DEFAULT_PARTITION, Settings
 from dicomhub.domain.bulk_update import BulkUpdateHandler
 from dicomhub.domain.bulkdata import BulkdataService
@@ -67,6 +70,25 @@ class Services:
         return self.index.dialect == "sqlite"
 
 
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The blob store ``DICOMHUB_BLOB_URL`` names, checked now: a typo, missing credentials or an unreachable
+    store stop start-up instead of falling back to the local disk."""
+    url = settings.blob_url
+    if not url:
+        return FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise ConfigurationError(f"DICOMHUB_BLOB_URL '{url}' is not a file:///absolute/path URL.")
+        return FileSystemBlobStore(Path(unquote(parts.path)), fsync=settings.fsync)
+    try:
+        store = store_from_url(url, settings.blob_allow_http)
+        check_reachable(store, f"The blob store {url}")
+    except StoreConfigurationError as exc:
+        raise ConfigurationError(f"DICOMHUB_BLOB_URL: {exc}") from None
+    return ObjectBlobStore(store, url, settings.data_dir / "staging")
+
+
 def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if run_migrations:
@@ -79,7 +101,7 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
                 f"Data partitions are in use ({', '.join(used[:5])}); they cannot be disabled: "
                 "set DICOMHUB_ENABLE_PARTITIONS=true."
             )
-    blobs = FileSystemBlobStore(settings.blob_dir, fsync=settings.fsync)
+    blobs = open_blob_store(settings)
     decoding = DecodeLimiter(settings)
     operations = OperationService(OperationStore(index.engine))
     handlers: list[OperationHandler] = [ReindexHandler(ExtendedTagStore(index.engine), settings)]

@@ -58,6 +58,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.log_path = data_dir / "server.log"
+        from tests.support.object_stores import server_blob_settings, test_backend  # that module imports this one
+
+        # DICOMHUB_TEST_BLOB=s3|azure: files in that store, under a prefix kept across this server's restarts
+        self.blob_env = {} if "blob_url" in settings else server_blob_settings(test_backend())
 
     @property
     def engine(self) -> str:
@@ -71,6 +75,7 @@ class Server:
         env["DICOMHUB_WORKERS"] = "1"  # one process, so kill() reaches the server itself; see test_workers.py
         if self.database_url:
             env["DICOMHUB_DATABASE_URL"] = self.database_url
+        env.update(self.blob_env)
         from tests.support.oidc.provider import with_auth_mode  # imported here: that module imports this one
 
         for key, value in with_auth_mode(self.url, self.settings).items():

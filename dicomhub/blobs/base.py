@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -67,3 +68,18 @@ class BlobStore(Protocol):
 
     def health(self) -> None:
         """Raises when the store cannot be written."""
+
+
+def purge_old_files(folder: Path, older_than: float) -> int:
+    """Removes the files of ``folder`` untouched for ``older_than`` seconds; returns how many (a staging folder's
+    spool files a crash left behind)."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

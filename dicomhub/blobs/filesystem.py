@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dicomhub.blobs.base import Staged
+from dicomhub.blobs.base import Staged, purge_old_files
 
 
 class FileSystemBlobStore:
@@ -101,16 +100,7 @@ class FileSystemBlobStore:
             staged.path.unlink(missing_ok=True)
 
     def purge_staging(self, older_than: float) -> int:
-        cutoff = time.time() - older_than
-        removed = 0
-        for path in self.staging.iterdir():
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+        return purge_old_files(self.staging, older_than)
 
     def health(self) -> None:
         probe = self.staging / f"health-{uuid.uuid4().hex}"

@@ -1,0 +1,61 @@
+"""The object stores of the tests: one SeaweedFS (S3) and one Azurite per test process, started on first use.
+
+``DICOMHUB_TEST_BLOB=s3|azure`` puts every test server's files in that store (each server under its own prefix);
+the export, import and blob tests use the same processes directly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.azurite import Azurite, installed
+from tests.support.seaweedfs import SeaweedFS
+
+BACKEND_ENV = "DICOMHUB_TEST_BLOB"
+_running: dict[str, SeaweedFS | Azurite] = {}
+
+
+def test_backend() -> str | None:
+    """The backend every test server uses: None (filesystem), 's3' or 'azure'."""
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if value in ("", "file", "filesystem"):
+        return None
+    if value not in ("s3", "azure"):
+        raise RuntimeError(f"{BACKEND_ENV} must be s3 or azure, not {value!r}")
+    return value
+
+
+def _started(name: str, make) -> SeaweedFS | Azurite:
+    if name not in _running:
+        folder = Path(tempfile.mkdtemp(prefix=f"dicomhub-{name}-"))
+        _running[name] = make(folder).start()
+        atexit.register(_running[name].stop)
+    return _running[name]
+
+
+def seaweedfs() -> SeaweedFS:
+    return _started("s3", SeaweedFS)
+
+
+def azurite() -> Azurite:
+    if not installed():
+        if os.environ.get("CI"):
+            pytest.fail("Azurite is not installed: scripts/test.sh installs it into tests/support/azurite")
+        pytest.skip("Azurite is not installed (npm ci in tests/support/azurite)")
+    return _started("azure", Azurite)
+
+
+def server_blob_settings(backend: str | None) -> dict[str, str]:
+    """Environment for one test server on ``backend``: the store's credentials and a prefix of its own."""
+    if backend is None:
+        return {}
+    prefix = uuid.uuid4().hex[:12]
+    if backend == "s3":
+        return {**seaweedfs().env(), "DICOMHUB_BLOB_URL": f"s3://dicom/{prefix}"}
+    return {**azurite().env(), "DICOMHUB_BLOB_URL": f"azure://dicom/{prefix}"}
