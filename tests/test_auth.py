@@ -369,6 +369,7 @@ def test_open_endpoints_and_unknown_paths(secured, tokens):
     assert unknown.status_code == 401  # says nothing about which paths exist
     assert httpx.get(f"{secured.url}/v2/nothing-here", headers=bearer(tokens["norole"])).status_code == 404
     assert httpx.put(f"{secured.url}/v2/studies", headers=bearer(tokens["norole"])).status_code == 405
+    assert httpx.options(f"{secured.url}/v2/studies").status_code == 401  # not a preflight: no free pass
 
 
 ROLES_FILE = {

@@ -139,8 +139,8 @@ class SecurityMiddleware:
                 self._startup_fetch = asyncio.ensure_future(self.verifier.refresh())
             await self.app(scope, receive, send)
             return
-        if scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS":
-            await self.app(scope, receive, send)  # CORS preflights carry no credentials
+        if scope["type"] not in ("http", "websocket") or _is_preflight(scope):
+            await self.app(scope, receive, send)  # browsers send CORS preflights without credentials
             return
         target = self._target(scope)
         if target.template in self.open_routes:
@@ -255,6 +255,13 @@ def _bearer_token(scope: Scope) -> str | None:
             if key == "access_token":
                 return value
     return None
+
+
+def _is_preflight(scope: Scope) -> bool:
+    if scope.get("method") != "OPTIONS":
+        return False
+    headers = Headers(scope=scope)
+    return "origin" in headers and "access-control-request-method" in headers
 
 
 def _bodiless(scope: Scope, status: int, headers: MutableHeaders) -> bool:
