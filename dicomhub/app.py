@@ -30,6 +30,7 @@ from dicomhub.api import (
     rendered,
     stow,
     wado,
+    workitems,
 )
 from dicomhub.api.errors import install_error_handlers
 from dicomhub.auth.actions import OPEN_ROUTES
@@ -50,6 +51,7 @@ STUDIES_ROUTERS = (
     rendered.router,
     qido.router,
     delete.router,
+    workitems.router,
 )
 
 

@@ -24,10 +24,12 @@ from dicomhub.domain.query import QueryService
 from dicomhub.domain.render import RenderService, ThumbnailCache
 from dicomhub.domain.retrieve import RetrieveService
 from dicomhub.domain.store import StoreService
+from dicomhub.domain.workitems import WorkitemService
 from dicomhub.index.engine import make_engine, migrate
 from dicomhub.index.extended_tags import ExtendedTagStore
 from dicomhub.index.operations import OperationStore
 from dicomhub.index.repository import Index
+from dicomhub.index.workitems import WorkitemStore
 
 # Stored files are kept byte for byte; invalid values are reported by our validation, not by pydicom warnings.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -60,6 +62,10 @@ class Services:
     @cached_property
     def extended_tags(self) -> ExtendedTagService:
         return ExtendedTagService(ExtendedTagStore(self.index.engine), self.operations, self.settings)
+
+    @cached_property
+    def workitems(self) -> WorkitemService:
+        return WorkitemService(WorkitemStore(self.index.engine))
 
     def operation_worker(self) -> OperationWorker:
         return OperationWorker(self.operations.store, self.operation_handlers, self.settings)

@@ -73,6 +73,12 @@ PATH_PARAMETERS: dict[str, Json] = {
             "Operation id: a GUID, as 32 hexadecimal digits (the form answers use) or with dashes.",
             {"type": "string", "pattern": r"^[0-9A-Fa-f]{32}$"},
         ),
+        ("workitem", "Workitem (UPS) SOP Instance UID; the global subscription UIDs on the subscriber routes.", UID),
+        (
+            "aet",
+            "AE title of the subscriber: 1 to 16 printable ASCII characters, no backslash.",
+            {"type": "string", "pattern": r"^[ -\[\]-~]{1,16}$"},
+        ),
         (
             "partition_name",
             "Data partition (DICOMHUB_ENABLE_PARTITIONS). STOW creates it; other routes need it to exist.",
@@ -600,6 +606,139 @@ HEALTH_DOC = route_doc(
         200: json_answer("Every dependency answers.", ref("Health")),
         503: json_answer("A dependency fails.", ref("Health")),
     }
+)
+
+
+# -- worklist (UPS-RS) -------------------------------------------------------------------------------------------------
+WORKITEM_ERROR = {"application/json": {"schema": STRING}, **TEXT}
+WORKITEM_ERRORS = {
+    400: "Invalid request: the message names the attribute (missing, empty, not allowed, invalid) or the state rule "
+    "(C301, C302, C306, C310, C311, C312...) that refused it.",
+    404: "Unknown API version or route, or no such workitem.",
+    409: "The workitem exists already, is CANCELED, or another request changed it meanwhile.",
+    413: "The request body is over the size limit.",
+    415: "The request's Content-Type is not application/dicom+json.",
+}
+
+
+def workitem_errors(*codes: int) -> dict[int, Json]:
+    """Worklist failures answer a JSON string (spec 5.14); partition and version checks keep plain text."""
+    return {code: {"description": WORKITEM_ERRORS[code], "content": WORKITEM_ERROR} for code in codes}
+
+
+WORKITEM_BODY = {
+    "required": True,
+    "description": "A JSON array whose first element is the DICOM JSON dataset (spec 5.8).",
+    "content": {DICOM_JSON: {"schema": ref("DicomDatasets")}, "application/json": {"schema": ref("DicomDatasets")}},
+}
+WORKITEM_LOCATION = {
+    "Location": {"description": "URL of the workitem.", "schema": STRING},
+    "Content-Location": {"description": "URL of the workitem.", "schema": STRING},
+}
+WARNING = {"Warning": {"description": '299 {host}: "{text}" (Azure\'s warning header).', "schema": STRING}}
+CREATE_WORKITEM_DOC = route_doc(
+    {
+        201: answer("Created, SCHEDULED.", headers=WORKITEM_LOCATION),
+        **workitem_errors(400, 404, 409, 413, 415),
+        **NOT_ACCEPTABLE_EMPTY,
+    },
+    accepting(DICOM_JSON, "application/json", "*/*"),
+    body=WORKITEM_BODY,
+) | {
+    "description": "The workitem UID is the name of the first query parameter (/workitems?{uid}) or the dataset's "
+    "SOPInstanceUID (both: they must match). The server sets SOPClassUID, ProcedureStepState, WorklistLabel and "
+    "ScheduledProcedureStepModificationDateTime. The partition is created if needed."
+}
+RETRIEVE_WORKITEM_DOC = route_doc(
+    {
+        200: answer("The workitem (without its Transaction UID).", {DICOM_JSON: {"schema": ref("DicomDataset")}}),
+        **workitem_errors(400, 404),
+        **NOT_ACCEPTABLE_EMPTY,
+    },
+    accepting(DICOM_JSON, "application/json", "*/*"),
+)
+UPDATE_WORKITEM_DOC = route_doc(
+    {
+        200: answer("Updated.", headers={"Content-Location": WORKITEM_LOCATION["Content-Location"]}),
+        **workitem_errors(400, 404, 409, 413, 415),
+    },
+    body=WORKITEM_BODY,
+) | {
+    "description": "Top-level attributes replace the stored ones (sequences whole). Once the workitem is IN "
+    "PROGRESS, the owner's Transaction UID is the name of the first query parameter (/workitems/{uid}?{transaction})."
+}
+CHANGE_STATE_DOC = route_doc(
+    {
+        200: answer("The state changed, or (Warning: B304/B306) it was that final state already.", None, WARNING),
+        **workitem_errors(400, 404, 409, 413, 415),
+    },
+    body=WORKITEM_BODY,
+) | {"description": "Body: ProcedureStepState (IN PROGRESS, COMPLETED or CANCELED) and TransactionUID."}
+CANCEL_WORKITEM_DOC = route_doc(
+    {
+        202: json_answer("Canceled (SCHEDULED), or the cancellation was requested from the subscribers.", STRING),
+        409: answer("The workitem is CANCELED already (Warning header), or changed.", WORKITEM_ERROR, WARNING),
+        **workitem_errors(400, 404, 413, 415),
+    },
+    body=WORKITEM_BODY,
+)
+_WORKITEM_KEYS = (
+    ("PatientName", "a name; * and ? wildcards; word prefixes with fuzzymatching=true"),
+    ("PatientID", "a value; * and ? wildcards"),
+    ("ReferencedRequestSequence.AccessionNumber", "a value of any item; * and ? wildcards"),
+    ("ReferencedRequestSequence.RequestedProcedureID", "a value of any item; * and ? wildcards"),
+    ("ScheduledProcedureStepStartDateTime", "a date-time or a range (a-b, a-, -b)"),
+    ("ScheduledStationNameCodeSequence.CodeValue", "a code value of any item"),
+    ("ScheduledStationClassCodeSequence.CodeValue", "a code value of any item"),
+    ("ScheduledStationGeographicLocationCodeSequence.CodeValue", "a code value of any item"),
+    ("ProcedureStepState", "SCHEDULED, IN PROGRESS, COMPLETED or CANCELED"),
+    ("StudyInstanceUID", "a UID or a comma-separated list of UIDs"),
+)
+SEARCH_WORKITEMS_DOC = route_doc(
+    {
+        200: answer("Matches, oldest first.", DICOM_JSON_ANSWER),
+        204: answer("No match."),
+        **workitem_errors(400, 404),
+        **NOT_ACCEPTABLE_EMPTY,
+    },
+    [
+        *(query(name, f"{name}: {matching}. Tags work too (0040A370.00080050).") for name, matching in _WORKITEM_KEYS),
+        query(
+            "includefield",
+            "Top-level attributes (keywords or tags, comma separated, or repeated) to return beyond the return keys; "
+            "all: every attribute.",
+            {"type": "array", "items": STRING},
+            style="form",
+            explode=True,
+        ),
+        *paging(DEFAULT_LIMIT, MAX_LIMIT),
+        query("fuzzymatching", "PatientName matches by word prefixes.", {"type": "boolean"}),
+        *accepting(DICOM_JSON, "application/json", "*/*"),
+    ],
+) | {"description": "Any other attribute is a 400 (Azure's searchable keys, spec 5.8)."}
+SUBSCRIBE_DOC = route_doc(
+    {201: answer("Subscribed; an initial State Report is queued."), **workitem_errors(400, 404)},
+    [
+        query("deletionlock", "Ask the server to keep the workitem until this subscriber unsubscribes.",
+              {"type": "boolean"}),
+        query(
+            "filter",
+            "Filtered global subscription (1.2.840.10008.5.1.4.34.5.1) only: Key=value search keys (repeatable).",
+            {"type": "array", "items": STRING},
+            style="form",
+            explode=True,
+        ),
+    ],
+) | {
+    "description": "A workitem UID subscribes to that workitem; 1.2.840.10008.5.1.4.34.5 to every workitem, now and "
+    "later; 1.2.840.10008.5.1.4.34.5.1 to those matching the filter. Events arrive on the WebSocket "
+    "/subscribers/{aet} of the same base URL."
+}
+UNSUBSCRIBE_DOC = route_doc(
+    {200: answer("Unsubscribed (a global UID: from every workitem)."), **workitem_errors(400, 404)}
+)
+SUSPEND_DOC = route_doc(
+    {200: answer("No new automatic subscriptions; existing ones stay."), **workitem_errors(400, 404)}
 )
 
 

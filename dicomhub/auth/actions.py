@@ -85,7 +85,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], RouteAction] = {
     **_entries("POST", ("/workitems/{}/subscribers/{}",), RouteAction(WRITE, "subscribe-workitem")),
     **_entries("DELETE", ("/workitems/{}/subscribers/{}",), RouteAction(WRITE, "unsubscribe-workitem")),
     **_entries("POST", ("/workitems/{}/subscribers/{}/suspend",), RouteAction(WRITE, "suspend-workitem-subscription")),
-    **_entries(WEBSOCKET, ("/subscribers/{}", "/workitems/subscribers/{}"), RouteAction(READ, "watch-workitems")),
+    **_entries(WEBSOCKET, ("/subscribers/{}",), RouteAction(READ, "watch-workitems")),
     # bulk transfer
     **_entries("POST", ("/export",), RouteAction("export", "export")),
     **_entries("POST", ("/import",), RouteAction(WRITE, "import")),

@@ -299,3 +299,67 @@ extended_name_word = Table(
     Index(None, "tag_key", "word", "resource_key"),
     Index(None, "level", "resource_key"),
 )
+
+# Worklist (UPS-RS). A workitem row holds its DICOM JSON dataset, the search attributes PS3.18 11.9 / Azure index
+# (folded like QIDO's), its state and owner's transaction UID, and a version that every write checks and increments
+# (optimistic concurrency: a write based on a stale read changes nothing). Sequence-path attributes and the words of
+# the patient's name may have several values: one ``workitem_value`` row each.
+workitem = Table(
+    "workitem",
+    metadata,
+    Column("workitem_key", Key, primary_key=True, autoincrement=True),
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("transaction_uid", String(64)),
+    Column("version", Integer, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("patient_id", String(64)),
+    Column("patient_name", String(324)),
+    Column("scheduled_start", String(21)),
+    Column("study_uid", String(64)),
+    Column("json", Text, nullable=False),
+    UniqueConstraint("partition_key", "sop_uid"),
+    Index(None, "partition_key", "state"),
+    Index(None, "partition_key", "patient_id"),
+    Index(None, "partition_key", "patient_name"),
+    Index(None, "partition_key", "scheduled_start"),
+)
+
+workitem_value = Table(
+    "workitem_value",
+    metadata,
+    Column("workitem_key", Key, ForeignKey("workitem.workitem_key"), primary_key=True, autoincrement=False),
+    Column("attribute", SmallInteger, primary_key=True, autoincrement=False),
+    Column("value", String(324), primary_key=True),
+    Index(None, "attribute", "value"),
+)
+
+# Watch (PS3.4 CC.2.3): an AE title's subscription to one workitem, or its global subscription (workitem_uid is then
+# the well-known global or filtered-global UID; ``filters`` holds the filtered one's conditions as JSON).
+workitem_subscription = Table(
+    "workitem_subscription",
+    metadata,
+    Column("partition_key", Key, ForeignKey("partition.partition_key"), primary_key=True, autoincrement=False),
+    Column("aet", String(16), primary_key=True),
+    Column("workitem_uid", String(64), primary_key=True),
+    Column("deletion_lock", SmallInteger, nullable=False),
+    Column("suspended", SmallInteger, nullable=False),
+    Column("filters", Text),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index(None, "partition_key", "workitem_uid"),
+)
+
+# Events not yet delivered, one row per recipient, written in the transaction that changes the workitem. The channel
+# holding the AE title's WebSocket sends them in key order and deletes them once sent: the rows are its queue.
+workitem_event = Table(
+    "workitem_event",
+    metadata,
+    Column("event_key", Key, primary_key=True, autoincrement=True),
+    Column("partition_key", Key, nullable=False),
+    Column("aet", String(16), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("payload", Text, nullable=False),
+    Index(None, "partition_key", "aet", "event_key"),
+)
