@@ -20,9 +20,11 @@ from dicomhub.api import (
     bulkdata,
     changefeed,
     delete,
+    export,
     extended_tags,
     health,
     home,
+    import_,
     openapi,
     operations,
     partitions,
@@ -52,6 +54,8 @@ STUDIES_ROUTERS = (
     qido.router,
     delete.router,
     workitems.router,
+    export.router,
+    import_.router,
 )
 
 

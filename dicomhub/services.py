@@ -18,7 +18,9 @@ from dicomhub.domain.bulkdata import BulkdataService
 from dicomhub.domain.cleanup import CleanupService
 from dicomhub.domain.decoding import DecodeLimiter
 from dicomhub.domain.delete import DeleteService
+from dicomhub.domain.export import ExportHandler
 from dicomhub.domain.extended_tags import ExtendedTagService, ReindexHandler
+from dicomhub.domain.import_ import ImportHandler
 from dicomhub.domain.operations import OperationHandler, OperationService, OperationWorker
 from dicomhub.domain.query import QueryService
 from dicomhub.domain.render import RenderService, ThumbnailCache
@@ -111,14 +113,17 @@ def build_services(settings: Settings, run_migrations: bool = True) -> Services:
     decoding = DecodeLimiter(settings)
     operations = OperationService(OperationStore(index.engine))
     handlers: list[OperationHandler] = [ReindexHandler(ExtendedTagStore(index.engine), settings)]
+    store = StoreService(index, blobs, settings)
     handlers.append(BulkUpdateHandler(index, blobs, settings))
+    handlers.append(ExportHandler(index, blobs, settings))
+    handlers.append(ImportHandler(index, store, settings))
     retrieve = RetrieveService(index, blobs, settings, decoding)
     return Services(
         settings=settings,
         index=index,
         blobs=blobs,
         decoding=decoding,
-        store=StoreService(index, blobs, settings),
+        store=store,
         retrieve=retrieve,
         query=QueryService(index),
         render=RenderService(

@@ -63,6 +63,12 @@ class Server:
         # DICOMHUB_TEST_BLOB=s3|azure: files in that store, under a prefix kept across this server's restarts
         self.blob_env = {} if "blob_url" in settings else server_blob_settings(test_backend())
 
+    def blob_files(self, pattern: str) -> list:
+        """The server's stored files whose keys match ``pattern`` (a glob), on whichever backend it runs."""
+        from tests.support.object_stores import server_blob_files
+
+        return server_blob_files(self.blob_env, self.data_dir, pattern)
+
     @property
     def engine(self) -> str:
         return "postgres" if self.database_url else "sqlite"

@@ -45,7 +45,7 @@ def study(http: httpx.Client) -> StudyFixture:
 
 
 def blob_files(server: Server, inst: Stored) -> list[Path]:
-    return list((server.data_dir / "blobs").glob(f"*/{inst.study}/{inst.series}/{inst.sop}.*"))
+    return server.blob_files(f"*/{inst.study}/{inst.series}/{inst.sop}.*")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -270,6 +270,57 @@ SCHEMAS: dict[str, Json] = {
             "partitionName": STRING,
         },
     },
+    "Location": {
+        "type": "object",
+        "description": "An Azure blob container (blobContainerUri, or connectionString + blobContainerName), an S3 "
+        "bucket (the server's AWS_* credentials) or a folder under DICOMHUB_EXPORT_ROOTS; prefix: a folder in it.",
+        "required": ["type", "settings"],
+        "properties": {
+            "type": {"type": "string", "enum": ["azureblob", "s3", "filesystem"]},
+            "settings": {
+                "type": "object",
+                "properties": {
+                    "blobContainerUri": STRING,
+                    "connectionString": STRING,
+                    "blobContainerName": STRING,
+                    "bucket": STRING,
+                    "path": STRING,
+                    "prefix": STRING,
+                },
+            },
+        },
+    },
+    "ExportRequest": {
+        "type": "object",
+        "description": "Spec 5.6: identifiers 'study', 'study/series' or 'study/series/instance'; files written to "
+        "<operation>/results/<study>/<series>/<sop>.dcm, errors to <operation>/errors.log.",
+        "required": ["source", "destination"],
+        "properties": {
+            "source": {
+                "type": "object",
+                "required": ["type", "settings"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["identifiers"]},
+                    "settings": {
+                        "type": "object",
+                        "required": ["values"],
+                        "properties": {"values": {"type": "array", "items": STRING, "minItems": 1}},
+                    },
+                },
+            },
+            "destination": ref("Location"),
+            "deidentify": {
+                "type": "object",
+                "description": "PS3.15 Basic Application Level Confidentiality Profile on the way out.",
+                "properties": {"profile": {"type": "string", "enum": ["basic"]}},
+            },
+        },
+    },
+    "ImportRequest": {
+        "type": "object",
+        "required": ["source"],
+        "properties": {"source": ref("Location")},
+    },
     "BulkUpdateRequest": {
         "type": "object",
         "description": "Studies and the patient/study attributes to set in them (spec 5.2; names case-insensitive).",
@@ -524,6 +575,24 @@ BULK_UPDATE_DOC = route_doc(
     },
     body={"required": True, "content": {"application/json": {"schema": ref("BulkUpdateRequest")}}},
 )
+
+def _operation_start_doc(started: str, schema: str) -> Json:
+    return route_doc(
+        {
+            202: json_answer(started, ref("OperationReference"), headers=LOCATION),
+            400: answer(
+                "Invalid body, unknown type, a destination or source that cannot be reached (missing container or "
+                "bucket, refused credentials), a folder outside DICOMHUB_EXPORT_ROOTS.",
+                TEXT,
+            ),
+            **errors(404, 413, 415),
+        },
+        body={"required": True, "content": {"application/json": {"schema": ref(schema)}}},
+    )
+
+
+EXPORT_DOC = _operation_start_doc("The export operation started.", "ExportRequest")
+IMPORT_DOC = _operation_start_doc("The import operation started.", "ImportRequest")
 PARTITIONS_DOC = route_doc(
     {200: json_answer("The data partitions.", {"type": "array", "items": ref("Partition")}), **errors(400, 404)}
 )

@@ -112,7 +112,7 @@ def parse_connection_string(text: str) -> dict[str, str]:
     return fields
 
 
-def _azure_from_connection_string(container: str, prefix: str | None, text: str, allow_http: bool) -> AzureStore:
+def azure_connection_string_store(container: str, prefix: str | None, text: str, allow_http: bool) -> AzureStore:
     fields = parse_connection_string(text)
     if fields.get("UseDevelopmentStorage", "").lower() == "true":
         fields.setdefault("BlobEndpoint", "http://127.0.0.1:10000/devstoreaccount1")
@@ -143,7 +143,7 @@ def _account_of_endpoint(endpoint: str) -> str:
     return (parts.hostname or "").split(".")[0]
 
 
-def azure_container_uri_store(uri: str, allow_http: bool) -> AzureStore:
+def azure_container_uri_store(uri: str, prefix: str | None, allow_http: bool) -> AzureStore:
     """A container from its URL, with a SAS in the query when the container is not public: Azure's
     ``https://{account}.blob.core.windows.net/{container}?sv=...``, or an emulator's path-style
     ``http://127.0.0.1:10000/{account}/{container}?sv=...``."""
@@ -162,7 +162,7 @@ def azure_container_uri_store(uri: str, allow_http: bool) -> AzureStore:
         config["sas_key"] = parts.query
     else:
         config["skip_signature"] = True
-    return AzureStore(container, config=config, client_options=_client_options(root, allow_http))
+    return AzureStore(container, prefix=prefix, config=config, client_options=_client_options(root, allow_http))
 
 
 def azure_store(
@@ -171,7 +171,7 @@ def azure_store(
     """A container through ``AZURE_STORAGE_CONNECTION_STRING``, or ``AZURE_STORAGE_ACCOUNT_NAME`` with
     ``AZURE_STORAGE_ACCOUNT_KEY`` or ``AZURE_STORAGE_SAS_TOKEN`` (``AZURE_STORAGE_ENDPOINT`` overrides the URL)."""
     if env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        return _azure_from_connection_string(container, prefix, env["AZURE_STORAGE_CONNECTION_STRING"], allow_http)
+        return azure_connection_string_store(container, prefix, env["AZURE_STORAGE_CONNECTION_STRING"], allow_http)
     account = env.get("AZURE_STORAGE_ACCOUNT_NAME")
     secret = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_SAS_TOKEN")
     if not (account and secret):
@@ -188,13 +188,13 @@ def azure_store(
     return AzureStore(container, prefix=prefix, config=config, client_options=_client_options(endpoint, allow_http))
 
 
-def store_from_url(url: str, allow_http: bool = False) -> ObjectStore:
+def store_from_url(url: str, allow_http: bool = False, env: Mapping[str, str] = os.environ) -> ObjectStore:
     """``s3://bucket[/prefix]`` or ``azure://container[/prefix]``; any other scheme is an error, never a fallback."""
     scheme = urlsplit(url).scheme
     if scheme == "s3":
-        return s3_store(*_split_bucket(url, "s3"), allow_http)
+        return s3_store(*_split_bucket(url, "s3"), allow_http, env)
     if scheme == "azure":
-        return azure_store(*_split_bucket(url, "azure"), allow_http)
+        return azure_store(*_split_bucket(url, "azure"), allow_http, env)
     raise StoreConfigurationError(f"Unknown storage URL scheme in '{url}': use file://, s3:// or azure://.")
 
 
@@ -248,6 +248,7 @@ class _RangeReader(io.RawIOBase):
         super().__init__()
         self._store = store
         self._key = key
+        self.name = key  # pydicom reads a file object's name
         self._size = obstore.head(store, key)["size"]  # FileNotFoundError when missing, as a file would be
         self._position = 0
 

@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, BinaryIO
@@ -367,11 +368,11 @@ class BulkUpdateHandler:
             with self.blobs.open(candidate.blob_key) as src:
                 if staged.data is not None:
                     out = io.BytesIO()
-                    header, pixel_offset, size = rewrite(src, change, out)
+                    header, pixel_offset, size = rewrite(src, lambda ds: _apply(ds, change), out)
                     staged.data = bytearray(out.getbuffer())
                 else:
                     with open(staged.path, "wb") as spool:
-                        header, pixel_offset, size = rewrite(src, change, spool)
+                        header, pixel_offset, size = rewrite(src, lambda ds: _apply(ds, change), spool)
             frames = None
             if candidate.frame_count:
                 with staged.open() as f:
@@ -395,9 +396,9 @@ class BulkUpdateHandler:
         )
 
 
-def rewrite(src: BinaryIO, change: Dataset, out: BinaryIO) -> tuple[Dataset, int, int]:
-    """Writes the file of ``src`` with ``change`` applied to ``out``; returns (new header, offset of the pixel data
-    element in ``out``, size of ``out``).
+def rewrite(src: BinaryIO, edit: Callable[[Dataset], None], out: BinaryIO) -> tuple[Dataset, int, int]:
+    """Writes the file of ``src`` with its header changed by ``edit`` to ``out``; returns (new header, offset of
+    the pixel data element in ``out``, size of ``out``). Bulk update and de-identifying export use it.
 
     Only the elements before the pixel data are parsed and re-encoded (the updatable attributes all precede it);
     the pixel data and whatever follows are copied as they are, so pixel bytes stay identical and a large file is
@@ -408,7 +409,7 @@ def rewrite(src: BinaryIO, change: Dataset, out: BinaryIO) -> tuple[Dataset, int
     if UID(header.file_meta.TransferSyntaxUID).is_deflated:
         src.seek(0)
         header, tail = pydicom.dcmread(src), None
-    _apply(header, change)
+    edit(header)
     meta = header.file_meta
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

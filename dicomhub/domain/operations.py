@@ -33,6 +33,7 @@ class OperationType(StrEnum):
     REINDEX = "reindex"
     UPDATE = "update"
     EXPORT = "export"
+    IMPORT = "import"
 
 
 class OperationStatus(StrEnum):

@@ -7,13 +7,16 @@ the export, import and blob tests use the same processes directly.
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import os
 import tempfile
 import uuid
 from pathlib import Path
 
+import obstore
 import pytest
 
+from dicomhub.blobs.object_store import store_from_url
 from tests.support.azurite import Azurite, installed
 from tests.support.seaweedfs import SeaweedFS
 
@@ -59,3 +62,39 @@ def server_blob_settings(backend: str | None) -> dict[str, str]:
     if backend == "s3":
         return {**seaweedfs().env(), "DICOMHUB_BLOB_URL": f"s3://dicom/{prefix}"}
     return {**azurite().env(), "DICOMHUB_BLOB_URL": f"azure://dicom/{prefix}"}
+
+
+class StoredObject:
+    """An object of a test server's store, with the two Path methods tests use on blob files."""
+
+    def __init__(self, store, name: str) -> None:
+        self.store = store
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredObject) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"StoredObject({self.name!r})"
+
+    def exists(self) -> bool:
+        try:
+            obstore.head(self.store, self.name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def read_bytes(self) -> bytes:
+        return bytes(obstore.get(self.store, self.name).bytes())
+
+
+def server_blob_files(blob_env: dict[str, str], data_dir: Path, pattern: str) -> list:
+    """The blob files of one test server whose keys match the glob ``pattern`` (Paths on the filesystem)."""
+    if not blob_env.get("DICOMHUB_BLOB_URL"):
+        return list((data_dir / "blobs").glob(pattern))
+    store = store_from_url(blob_env["DICOMHUB_BLOB_URL"], env=blob_env)
+    names = [meta["path"] for page in obstore.list(store) for meta in page]
+    return [StoredObject(store, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
