@@ -1,4 +1,4 @@
-"""The ``dicomhub`` command: serve, worker, migrate, import, sample."""
+"""The ``dicomhub`` command: serve, worker, migrate, import, sample, dimse."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dicomhub.config import DEFAULT_PARTITION, Settings
+from dicomhub.dimse.commands import dimse_app, start_dimse
 
 app = typer.Typer(help="dicomhub: a DICOMweb archive.", no_args_is_help=True, add_completion=False)
+app.add_typer(dimse_app, name="dimse")
 console = Console(stderr=True)
 log = logging.getLogger("dicomhub.cli")
 
@@ -32,6 +34,7 @@ def serve(
 ) -> None:
     """Run the DICOMweb server."""
     import shutil
+    import socket
     from datetime import UTC, datetime
 
     import uvicorn
@@ -53,20 +56,29 @@ def serve(
         if resumed:
             log.warning("resuming operation tasks left by a crash", extra={"tasks": resumed})
     services.index.engine.dispose()
+    if settings.cast_enabled and not settings.cast_dicomweb_url:  # the cast names this server in FHIR
+        public_host = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+        os.environ["DICOMHUB_CAST_DICOMWEB_URL"] = f"http://{public_host}:{port}/v2"
     if workers > 1:  # Prometheus counters shared by the worker processes through files
         metrics_dir = settings.data_dir / ".metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    uvicorn.run(
-        "dicomhub.asgi:app",
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=log_config,  # applied again in each worker process (spawned: it inherits no handlers)
-        access_log=False,
-        timeout_keep_alive=30,
-    )
+    # The DIMSE listener runs in this parent process (uvicorn's supervisor when workers > 1): bound once
+    dimse = start_dimse(settings) if settings.dimse_enabled else None
+    try:
+        uvicorn.run(
+            "dicomhub.asgi:app",
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config,  # applied again in each worker process (spawned: it inherits no handlers)
+            access_log=False,
+            timeout_keep_alive=30,
+        )
+    finally:
+        if dimse is not None:
+            dimse.shutdown()
 
 
 @app.command()
@@ -90,6 +102,45 @@ def worker() -> None:
         signal.signal(signum, lambda *_: stop.set())
     log.info("operation worker started")
     services.operation_worker().run(stop)
+
+
+@app.command()
+def cast(
+    dicomweb_url: str | None = typer.Option(
+        None,
+        "--dicomweb-url",
+        help="Follow this DICOMweb archive's change feed (any serving Azure's routes) instead of the local index; "
+        "its state is kept in DICOMHUB_CAST_STATE_FILE.",
+    ),
+    status: bool = typer.Option(False, "--status", help="Print the cursor, the lag and the failed entries as JSON."),
+) -> None:
+    """DICOMcast: keep the FHIR server at DICOMHUB_CAST_FHIR_URL in step with the archive's change feed.
+
+    Runs in the foreground until interrupted (SIGINT/SIGTERM). Following the local archive, it shares
+    DICOMHUB_DATA_DIR / DICOMHUB_DATABASE_URL with `dicomhub serve`; one cast runs at a time (a lease).
+    """
+    import json
+    import signal
+    import threading
+
+    from dicomhub.cast.runner import build_runner
+    from dicomhub.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        runner = build_runner(settings, dicomweb_url)
+    except ValueError as exc:
+        console.print(f"[red]error[/red] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if status:
+        typer.echo(json.dumps(runner.status(), indent=2))
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("DICOMcast started", extra={"fhir": settings.cast_fhir_url, "archive": dicomweb_url or "local index"})
+    runner.run(stop)
 
 
 @app.command("migrate")

@@ -101,6 +101,48 @@ class Settings(BaseSettings):
     audit_log: str | None = Field(
         None, description="Audit log destination: a file path, or '-' for stdout; no audit when unset."
     )
+    dimse_enabled: bool = Field(False, description="Run the DIMSE listener inside `dicomhub serve` (bound once).")
+    dimse_host: str = Field("127.0.0.1", description="Address the DIMSE listener binds.")
+    dimse_port: int = Field(11112, description="TCP port of the DIMSE listener.")
+    dimse_aet: str = Field("DICOMHUB", description="The archive's DIMSE AE title.")
+    dimse_peers: Path | None = Field(
+        None, description="JSON file of known DIMSE peers: {AET: {host, port, partition, operations}}."
+    )
+    dimse_accept_any: bool | None = Field(
+        None, description="Accept associations from unknown AE titles (default partition); default: true unless auth."
+    )
+    dimse_tls_cert: Path | None = Field(None, description="PEM certificate: DIMSE over TLS when set with the key.")
+    dimse_tls_key: Path | None = Field(None, description="PEM private key of the DIMSE TLS certificate.")
+    dimse_tls_ca: Path | None = Field(None, description="PEM CA bundle: DIMSE TLS callers need a cert it signed.")
+    dimse_max_associations: int = Field(16, description="DIMSE associations served at once (one thread each).")
+    dimse_idle_timeout: float = Field(60.0, description="Seconds an association may stay silent before it is aborted.")
+    cast_enabled: bool = Field(False, description="Run DICOMcast (change feed -> FHIR) inside `dicomhub serve`.")
+    cast_fhir_url: str | None = Field(None, description="DICOMcast: base URL of the FHIR R4 server.")
+    cast_dicomweb_url: str | None = Field(
+        None,
+        description="DICOMcast: the archive's public versioned base URL, written into Endpoint.address and "
+        "ImagingStudy.meta.source (default: the server's own URL, http://{host}:{port}/v2).",
+    )
+    cast_patient_system: str = Field("", description="DICOMcast: system of the Patient identifier (PatientID).")
+    cast_use_issuer: bool = Field(
+        False, description="DICOMcast: take the Patient identifier system from IssuerOfPatientID instead."
+    )
+    cast_poll_seconds: float = Field(5.0, description="DICOMcast: how often an idle cast reads the change feed.")
+    cast_observations: bool = Field(True, description="DICOMcast: write Observations from radiation dose SRs.")
+    cast_lease_seconds: float = Field(
+        30.0, description="DICOMcast: how long a runner holds the cast before another process may take it over."
+    )
+    cast_state_file: Path | None = Field(
+        None, description="DICOMcast following a remote archive: its state file (default data_dir/cast-state.json)."
+    )
+    cast_fhir_token_url: str | None = Field(None, description="DICOMcast: OAuth2 token URL for the FHIR server.")
+    cast_fhir_client_id: str | None = Field(None, description="DICOMcast: OAuth2 client id for the FHIR server.")
+    cast_fhir_client_secret: str | None = Field(None, description="DICOMcast: OAuth2 secret for the FHIR server.")
+    cast_fhir_scope: str | None = Field(None, description="DICOMcast: OAuth2 scope for the FHIR server.")
+    cast_dicomweb_token_url: str | None = Field(None, description="DICOMcast: OAuth2 token URL for the archive.")
+    cast_dicomweb_client_id: str | None = Field(None, description="DICOMcast: OAuth2 client id for the archive.")
+    cast_dicomweb_client_secret: str | None = Field(None, description="DICOMcast: OAuth2 secret for the archive.")
+    cast_dicomweb_scope: str | None = Field(None, description="DICOMcast: OAuth2 scope (or resource) for the archive.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Write logs as JSON lines.")
 
@@ -109,6 +151,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.db').resolve()}"
+
+    @property
+    def dimse_accepts_any_caller(self) -> bool:
+        """Unknown AE titles are accepted unless said otherwise, or unless the HTTP side requires tokens."""
+        return self.dimse_accept_any if self.dimse_accept_any is not None else not self.auth_enabled
 
     @cached_property
     def blob_dir(self) -> Path:
