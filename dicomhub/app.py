@@ -119,11 +119,21 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 target=services.operation_worker().run, args=(stop,), name="operations", daemon=True
             )
             worker.start()
+        cast = None
+        if settings.cast_enabled:  # every server process tries; the cast's lease in the index lets one run
+            from dicomhub.cast.runner import build_runner
+
+            cast = threading.Thread(
+                target=build_runner(settings, services=services).run, args=(stop,), name="cast", daemon=True
+            )
+            cast.start()
         yield
         stop.set()
         task.cancel()
         if worker is not None:
             await run_in_threadpool(worker.join, 30)
+        if cast is not None:
+            await run_in_threadpool(cast.join, 30)
 
     app = FastAPI(
         title="dicomhub",

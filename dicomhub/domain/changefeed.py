@@ -149,6 +149,10 @@ class ChangeFeedService:
             )
         return [_entry(r) for r in rows]
 
+    def following(self, after: int, limit: int, include_metadata: bool) -> list[ChangeFeedEntry]:
+        """The next ``limit`` entries after sequence ``after``, in sequence order (a follower's read: DICOMcast)."""
+        return [_entry(r) for r in self.reader.following(after, limit, include_metadata)]
+
     def latest(self, api_version: int, include_metadata: bool) -> ChangeFeedEntry | None:
         """The newest entry: highest sequence (v1) or highest (timestamp, sequence) (v2); None for an empty feed."""
         row = self.reader.latest(by_time=api_version >= 2, with_metadata=include_metadata)

@@ -158,6 +158,13 @@ _BY_TIME = {
     .limit(bindparam("b_limit"))
     for m in (False, True)
 }
+_AFTER_SEQUENCE = {
+    m: _select(m)
+    .where(change_feed.c.sequence > bindparam("b_after"))
+    .order_by(change_feed.c.sequence)
+    .limit(bindparam("b_limit"))
+    for m in (False, True)
+}
 _LATEST_BY_SEQUENCE = {m: _select(m).order_by(change_feed.c.sequence.desc()).limit(1) for m in (False, True)}
 _LATEST_BY_TIME = {m: _select(m).order_by(*(c.desc() for c in _BY_TIME_ORDER)).limit(1) for m in (False, True)}
 
@@ -172,6 +179,10 @@ class ChangeFeedReader:
         """Entries with ``after < sequence <= after + limit``."""
         params = {"b_after": after, "b_upto": min(after + limit, MAX_SEQUENCE)}
         return self._rows(_BY_SEQUENCE[with_metadata], params, with_metadata)
+
+    def following(self, after: int, limit: int, with_metadata: bool) -> list[ChangeRow]:
+        """The first ``limit`` entries with ``sequence > after`` (gaps left by rolled-back appends do not matter)."""
+        return self._rows(_AFTER_SEQUENCE[with_metadata], {"b_after": after, "b_limit": limit}, with_metadata)
 
     def by_time(self, start: datetime, end: datetime, skip: int, limit: int, with_metadata: bool) -> list[ChangeRow]:
         """Entries with ``start <= timestamp < end`` in (timestamp, sequence) order, the first ``skip`` left out."""

@@ -300,6 +300,35 @@ extended_name_word = Table(
     Index(None, "level", "resource_key"),
 )
 
+# DICOMcast (change feed -> FHIR): the cursor and lease of each cast (``name``: one row per followed archive), and
+# the entries it cast without an invalid attribute or skipped, with the reason.
+cast_state = Table(
+    "cast_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("cursor", Key, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_expires", UtcDateTime()),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+cast_failure = Table(
+    "cast_failure",
+    metadata,
+    Column("id", Key, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("sequence", Key, nullable=False),
+    Column("action", String(8), nullable=False),
+    Column("partition_name", String(64), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_uid", String(64), nullable=False),
+    Column("outcome", String(8), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index(None, "name", "sequence"),
+)
+
 # Worklist (UPS-RS). A workitem row holds its DICOM JSON dataset, the search attributes PS3.18 11.9 / Azure index
 # (folded like QIDO's), its state and owner's transaction UID, and a version that every write checks and increments
 # (optimistic concurrency: a write based on a stale read changes nothing). Sequence-path attributes and the words of
