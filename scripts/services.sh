@@ -5,6 +5,7 @@
 #   ensure_packages                      # apt-get only when something is missing
 #   ensure_oidc_provider [DIR]           # npm ci of the auth tests' OpenID provider, when missing
 #   ensure_ohif                          # OHIF Viewer's dist/ for tests/test_ohif.py, when missing
+#   ensure_fhir_server [DIR]             # npm ci of the DICOMcast tests' FHIR server, when missing
 #   start_postgres [PORT]                # default 55432; exports DICOMHUB_TEST_POSTGRES_URL
 #   start_orthanc NAME HTTP_PORT DICOM_PORT [DICOMWEB_PEER_URL]
 #   stop_all                             # stops everything recorded in the state dir
@@ -87,6 +88,16 @@ ensure_oidc_provider() {
   [ -d "$dir/node_modules/oidc-provider" ] && return 0
   command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the auth tests need node and npm"; return 1; }
   _svc_log "installing the OIDC test provider (npm ci in $dir)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
+}
+
+# ensure_fhir_server [DIR] : npm ci of the FHIR R4 server the DICOMcast tests start (default
+# tests/support/fhir: npm @medplum/fhir-router, pinned by its lock file), only when node_modules is missing.
+ensure_fhir_server() {
+  local dir=${1:-tests/support/fhir}
+  [ -d "$dir/node_modules/@medplum/fhir-router" ] && return 0
+  command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the DICOMcast tests need node and npm"; return 1; }
+  _svc_log "installing the FHIR test server (npm ci in $dir)"
   (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine and run it:
 #   .venv (editable install with the test extras), Debian packages (PostgreSQL, Orthanc + DICOMweb
-#   plugin, dcmtk, Chromium), the OpenID provider of the auth tests and OHIF Viewer (npm), a private
+#   plugin, dcmtk, Chromium), the OpenID provider of the auth tests, the FHIR server of the DICOMcast
+#   tests and OHIF Viewer (npm), a private
 #   PostgreSQL on 127.0.0.1:55432, then pytest -n 2.
 # Usage: bash scripts/test.sh [pytest args...]
 # Environment: PYTHON (interpreter used to create .venv, default python3), CI_STATE (service state
@@ -30,6 +31,7 @@ fi
 source scripts/services.sh
 ensure_packages
 ensure_oidc_provider tests/support/oidc
+ensure_fhir_server tests/support/fhir
 ensure_ohif
 trap stop_all EXIT
 start_postgres "${DICOMHUB_TEST_PG_PORT:-55432}"
