@@ -474,7 +474,7 @@ def test_rotated_key_is_accepted_without_restart(tmp_path_factory):
         provider.stop()
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_websocket_takes_the_token_in_the_header_or_the_query(tmp_path_factory, oidc):
     """The worklist watch channel is a WebSocket: browsers cannot set its headers, so ?access_token= counts too."""
     from starlette.testclient import TestClient, WebSocketDenialResponse
