@@ -222,35 +222,58 @@ def _dicom_sources(paths: list[Path], staging: Path) -> Iterator[tuple[_Source, 
                     yield _Source(name, target, extracted=True), number == len(members)
 
 
-def _reason(result) -> str:
-    text = f"{result.failure}: {result.detail}"
-    if result.comments:
-        text += " (" + "; ".join(result.comments) + ")"
-    return text
-
-
 @app.command("import")
 def import_command(
-    paths: list[Path] = typer.Argument(..., exists=True, help="Files, folders (recursive) or zip archives."),
+    sources: list[str] = typer.Argument(
+        ..., help="Files, folders (recursive), zip archives, or s3://bucket/prefix and azure://container/prefix."
+    ),
     partition: str = typer.Option(DEFAULT_PARTITION, help="Data partition to store into."),
     api_version: int = typer.Option(2, min=1, max=2, help="Validation rules: 1 (strict) or 2 (lenient)."),
 ) -> None:
     """Load DICOM files through the same store path as STOW-RS, with a progress bar and a summary.
 
+    Object-store prefixes use the AWS_* / AZURE_STORAGE_* variables, as DICOMHUB_BLOB_URL does.
     Exit code 1 when files failed and none was stored or already there (nothing useful happened), else 0.
     """
     import shutil
 
     from dicomhub.blobs.base import Staged
+    from dicomhub.blobs.object_store import StoreConfigurationError, store_from_url
+    from dicomhub.domain.import_ import failure_reason, fetch, list_objects
     from dicomhub.domain.store import INSTANCE_EXISTS
     from dicomhub.services import build_services
 
-    services = build_services(Settings())
+    settings = Settings()
+    urls = [s for s in sources if s.startswith(("s3://", "azure://"))]
+    paths = [Path(s) for s in sources if s not in urls]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        console.print(f"[red]not found:[/red] {escape(', '.join(missing))}", highlight=False)
+        raise typer.Exit(code=2)
+    try:
+        listings = [(url, store, list(list_objects(store))) for url in urls for store in [store_from_url(url)]]
+    except (StoreConfigurationError, OSError) as exc:
+        console.print(f"[red]cannot read the object store:[/red] {escape(str(exc).splitlines()[0])}", highlight=False)
+        raise typer.Exit(code=2) from None
+    services = build_services(settings)
     target = services.index.ensure_partition(partition)
-    total = sum(len(_files(p)) for p in paths)
+    total = sum(len(_files(p)) for p in paths) + sum(len(objects) for _, _, objects in listings)
     outcome: Counter[str] = Counter()
     failures: list[tuple[str, str]] = []
     staging = services.blobs.new_staging_file().parent
+
+    def store_one(name: str, staged: Staged) -> None:
+        result = services.store.store(target, staged, api_version, None)
+        if result.stored:
+            outcome["stored"] += 1
+            if result.warning is not None:
+                outcome["warnings"] += 1
+        elif result.failure == INSTANCE_EXISTS:
+            outcome["duplicates"] += 1
+        else:
+            outcome["failed"] += 1
+            failures.append((name, failure_reason(result)))
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
     ) as progress:
@@ -271,17 +294,18 @@ def import_command(
                     outcome["failed"] += 1
                     failures.append((source.name, f"the file could not be read: {exc}"))
                 else:
-                    result = services.store.store(target, staged, api_version, None)
-                    if result.stored:
-                        outcome["stored"] += 1
-                        if result.warning is not None:
-                            outcome["warnings"] += 1
-                    elif result.failure == INSTANCE_EXISTS:
-                        outcome["duplicates"] += 1
-                    else:
-                        outcome["failed"] += 1
-                        failures.append((source.name, _reason(result)))
+                    store_one(source.name, staged)
             if last:
+                progress.advance(task)
+        for url, store, objects in listings:
+            for name, size in objects:
+                try:
+                    staged = fetch(store, name, size, services.blobs.new_staging_file)
+                except OSError as exc:
+                    outcome["failed"] += 1
+                    failures.append((f"{url}/{name}", f"the object could not be read: {exc}"))
+                else:
+                    store_one(name, staged)
                 progress.advance(task)
     table = Table(title="import summary")
     for column in ("stored", "duplicates", "failed"):
