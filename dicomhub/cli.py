@@ -26,6 +26,18 @@ console = Console(stderr=True)
 log = logging.getLogger("dicomhub.cli")
 
 
+def _build_services(settings: Settings):
+    """The services, or exit 2 with the reason when the settings cannot work (a blob store URL with a typo, missing
+    credentials or an unreachable store, partitions in use but disabled)."""
+    from dicomhub.services import ConfigurationError, build_services
+
+    try:
+        return build_services(settings)
+    except ConfigurationError as exc:
+        console.print(f"[red]cannot start:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
@@ -40,14 +52,13 @@ def serve(
     import uvicorn
 
     from dicomhub.logs import configure_logging
-    from dicomhub.services import build_services
 
     settings = Settings()
     log_config = configure_logging(settings.log_level, settings.log_json)
     workers = workers or settings.workers
     # Once, before any worker accepts a request: migrate, check the settings against the data, and (embedded
     # mode: no other process can be storing now) roll back stores a crash left unfinished.
-    services = build_services(settings)
+    services = _build_services(settings)
     if services.embedded:
         rolled_back = services.cleanup.rollback_unfinished_stores(datetime.now(UTC))
         if rolled_back:
@@ -92,11 +103,10 @@ def worker() -> None:
     import threading
 
     from dicomhub.logs import configure_logging
-    from dicomhub.services import build_services
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    services = build_services(settings)
+    services = _build_services(settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -241,7 +251,6 @@ def import_command(
     from dicomhub.blobs.object_store import StoreConfigurationError, store_from_url
     from dicomhub.domain.import_ import failure_reason, fetch, list_objects
     from dicomhub.domain.store import INSTANCE_EXISTS
-    from dicomhub.services import build_services
 
     settings = Settings()
     urls = [s for s in sources if s.startswith(("s3://", "azure://"))]
@@ -255,7 +264,7 @@ def import_command(
     except (StoreConfigurationError, OSError) as exc:
         console.print(f"[red]cannot read the object store:[/red] {escape(str(exc).splitlines()[0])}", highlight=False)
         raise typer.Exit(code=2) from None
-    services = build_services(settings)
+    services = _build_services(settings)
     target = services.index.ensure_partition(partition)
     total = sum(len(_files(p)) for p in paths) + sum(len(objects) for _, _, objects in listings)
     outcome: Counter[str] = Counter()
