@@ -4,6 +4,7 @@
 #   source scripts/services.sh
 #   ensure_packages                      # apt-get only when something is missing
 #   ensure_oidc_provider [DIR]           # npm ci of the auth tests' OpenID provider, when missing
+#   ensure_azurite                       # npm ci of Azurite (Azure Blob emulator), when missing
 #   ensure_ohif                          # OHIF Viewer's dist/ for tests/test_ohif.py, when missing
 #   ensure_fhir_server [DIR]             # npm ci of the DICOMcast tests' FHIR server, when missing
 #   start_postgres [PORT]                # default 55432; exports DICOMHUB_TEST_POSTGRES_URL
@@ -79,6 +80,16 @@ ensure_packages() {
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
     --no-install-recommends $missing || return 1
+}
+
+# ensure_azurite : npm ci of Azurite (the Azure Blob emulator of the storage, export and import tests;
+# pinned by tests/support/azurite's lock file), only when node_modules is missing. The tests start it.
+ensure_azurite() {
+  local dir=tests/support/azurite
+  [ -x "$dir/node_modules/.bin/azurite-blob" ] && return 0
+  command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the Azure storage tests need node and npm"; return 1; }
+  _svc_log "installing Azurite (npm ci in $dir)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
 }
 
 # ensure_oidc_provider [DIR] : npm ci of the OpenID provider the auth tests start (default

@@ -31,6 +31,7 @@ fi
 source scripts/services.sh
 ensure_packages
 ensure_oidc_provider tests/support/oidc
+ensure_azurite
 ensure_fhir_server tests/support/fhir
 ensure_ohif
 trap stop_all EXIT
@@ -47,5 +48,16 @@ rc=0
 if [ "$rc" -eq 5 ]; then
   log "pytest collected no tests: failing"
   rc=1
+fi
+
+# 4. The storage-relevant tests again with every test server's files on S3 (SeaweedFS) and on Azure Blob
+# (Azurite); the tests start both stores themselves. Only when no pytest arguments narrowed the run.
+STORAGE_TESTS=(tests/test_stow.py tests/test_wado.py tests/test_frames.py tests/test_bulkdata.py tests/test_delete.py
+  tests/test_metadata.py tests/test_rendered.py)
+if [ "$#" -eq 0 ]; then
+  for backend in s3 azure; do
+    log "storage tests on DICOMHUB_TEST_BLOB=$backend"
+    DICOMHUB_TEST_BLOB=$backend .venv/bin/python -m pytest -n 2 -q "${STORAGE_TESTS[@]}" || rc=1
+  done
 fi
 exit "$rc"
