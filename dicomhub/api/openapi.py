@@ -700,6 +700,7 @@ WORKITEM_BODY = {
     "description": "A JSON array whose first element is the DICOM JSON dataset (spec 5.8).",
     "content": {DICOM_JSON: {"schema": ref("DicomDatasets")}, "application/json": {"schema": ref("DicomDatasets")}},
 }
+EMPTY = {"text/plain": {"schema": {"type": "string", "maxLength": 0}}}  # Azure's bodiless successes
 WORKITEM_LOCATION = {
     "Location": {"description": "URL of the workitem.", "schema": STRING},
     "Content-Location": {"description": "URL of the workitem.", "schema": STRING},
@@ -707,7 +708,7 @@ WORKITEM_LOCATION = {
 WARNING = {"Warning": {"description": '299 {host}: "{text}" (Azure\'s warning header).', "schema": STRING}}
 CREATE_WORKITEM_DOC = route_doc(
     {
-        201: answer("Created, SCHEDULED.", headers=WORKITEM_LOCATION),
+        201: answer("Created, SCHEDULED.", EMPTY, WORKITEM_LOCATION),
         **workitem_errors(400, 404, 409, 413, 415),
         **NOT_ACCEPTABLE_EMPTY,
     },
@@ -728,7 +729,7 @@ RETRIEVE_WORKITEM_DOC = route_doc(
 )
 UPDATE_WORKITEM_DOC = route_doc(
     {
-        200: answer("Updated.", headers={"Content-Location": WORKITEM_LOCATION["Content-Location"]}),
+        200: answer("Updated.", EMPTY, {"Content-Location": WORKITEM_LOCATION["Content-Location"]}),
         **workitem_errors(400, 404, 409, 413, 415),
     },
     body=WORKITEM_BODY,
@@ -738,7 +739,7 @@ UPDATE_WORKITEM_DOC = route_doc(
 }
 CHANGE_STATE_DOC = route_doc(
     {
-        200: answer("The state changed, or (Warning: B304/B306) it was that final state already.", None, WARNING),
+        200: answer("The state changed, or (Warning: B304/B306) it was that final state already.", EMPTY, WARNING),
         **workitem_errors(400, 404, 409, 413, 415),
     },
     body=WORKITEM_BODY,
@@ -786,7 +787,7 @@ SEARCH_WORKITEMS_DOC = route_doc(
     ],
 ) | {"description": "Any other attribute is a 400 (Azure's searchable keys, spec 5.8)."}
 SUBSCRIBE_DOC = route_doc(
-    {201: answer("Subscribed; an initial State Report is queued."), **workitem_errors(400, 404)},
+    {201: answer("Subscribed; an initial State Report is queued.", EMPTY), **workitem_errors(400, 404)},
     [
         query("deletionlock", "Ask the server to keep the workitem until this subscriber unsubscribes.",
               {"type": "boolean"}),
@@ -804,10 +805,10 @@ SUBSCRIBE_DOC = route_doc(
     "/subscribers/{aet} of the same base URL."
 }
 UNSUBSCRIBE_DOC = route_doc(
-    {200: answer("Unsubscribed (a global UID: from every workitem)."), **workitem_errors(400, 404)}
+    {200: answer("Unsubscribed (a global UID: from every workitem).", EMPTY), **workitem_errors(400, 404)}
 )
 SUSPEND_DOC = route_doc(
-    {200: answer("No new automatic subscriptions; existing ones stay."), **workitem_errors(400, 404)}
+    {200: answer("No new automatic subscriptions; existing ones stay.", EMPTY), **workitem_errors(400, 404)}
 )
 
 
