@@ -57,6 +57,11 @@ def _json_message(message: str, status: int, headers: dict[str, str] | None = No
     return Response(json.dumps(message), status_code=status, media_type="application/json", headers=headers)
 
 
+def _done(status: int, headers: dict[str, str] | None = None) -> Response:
+    """A success without a body, as Azure answers it (declared as empty text, like every body of the document)."""
+    return PlainTextResponse("", status_code=status, headers=headers)
+
+
 def _warning(request: Request, text: str) -> dict[str, str]:
     """Azure's header: ``Warning: 299 {host}: "{text}"`` (spec 5.8)."""
     return {"Warning": f'299 {request.url.netloc}: "{text}"'}
@@ -114,7 +119,7 @@ async def create_workitem(request: Request, ctx: RequestContext = Depends(studie
     def work() -> Response:
         uid = _service(ctx).create(ctx.partition_for_store(), _first_query_key(request), model)
         url = _workitem_url(request, uid)
-        return Response(status_code=201, headers={"Location": url, "Content-Location": url})
+        return _done(201, {"Location": url, "Content-Location": url})
 
     return await _answer(request, work)
 
@@ -136,7 +141,7 @@ async def update_workitem(workitem: str, request: Request, ctx: RequestContext =
 
     def work() -> Response:
         _service(ctx).update(ctx.partition(), workitem, _first_query_key(request), model)
-        return Response(status_code=200, headers={"Content-Location": _workitem_url(request, workitem)})
+        return _done(200, {"Content-Location": _workitem_url(request, workitem)})
 
     return await _answer(request, work)
 
@@ -149,7 +154,7 @@ async def change_state(workitem: str, request: Request, ctx: RequestContext = De
 
     def work() -> Response:
         warning = _service(ctx).change_state(ctx.partition(), workitem, model)
-        return Response(status_code=200, headers=_warning(request, warning) if warning else None)
+        return _done(200, _warning(request, warning) if warning else None)
 
     return await _answer(request, work)
 
@@ -200,7 +205,7 @@ async def subscribe(
     def work() -> Response:
         filters = parse_filters(request.query_params.getlist("filter"))
         _service(ctx).subscribe(ctx.partition(), workitem, aet, _deletion_lock(request), filters)
-        return Response(status_code=201)
+        return _done(201)
 
     return await _answer(request, work)
 
@@ -211,7 +216,7 @@ async def unsubscribe(
 ) -> Response:
     def work() -> Response:
         _service(ctx).unsubscribe(ctx.partition(), workitem, aet)
-        return Response(status_code=200)
+        return _done(200)
 
     return await _answer(request, work)
 
@@ -222,7 +227,7 @@ async def suspend(
 ) -> Response:
     def work() -> Response:
         _service(ctx).suspend(ctx.partition(), workitem, aet)
-        return Response(status_code=200)
+        return _done(200)
 
     return await _answer(request, work)
 
