@@ -7,6 +7,7 @@ resource is read again and the change made anew, never written over someone else
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 from dicomhub.cast import mapping
@@ -15,6 +16,7 @@ from dicomhub.cast.mapping import EntryRejected, Problems, identifier_query, ref
 from dicomhub.cast.source import Entry
 
 MAX_CONFLICTS = 5
+KNOWN_RESOURCES = 10_000  # Patients and ImagingStudies remembered as last written (most recent first)
 
 
 def _content(resource: dict | None) -> dict | None:
@@ -33,6 +35,9 @@ class FhirWriter:
         self.use_issuer = use_issuer
         self.observations = observations
         self._endpoints: dict[str, str] = {}
+        # search condition -> the resource as last read or written: an entry of a study already seen needs no
+        # search, and its update's If-Match tells whether someone changed the resource since (412: read again)
+        self._known: OrderedDict[str, dict] = OrderedDict()
 
     def apply(self, entry: Entry, base: str) -> list[str]:
         """Casts the entry; returns the reasons of attributes left out. Raises ``EntryRejected`` / ``FhirError``
@@ -53,20 +58,17 @@ class FhirWriter:
             problems.reasons.clear()  # built again after a conflict: report each problem once
             return mapping.patient_resource(current, identifier, ds, problems)
 
-        patients = self._matching("Patient", identifier)
-        patient = self._save(
-            patients[0] if patients else None, patient_of, f"identifier={identifier_query(identifier)}"
-        )
+        patient = self._save(self._find("Patient", identifier), patient_of, self._condition(identifier))
         patient_problems = list(problems.reasons)
         patient_ref = reference("Patient", patient["id"])
         endpoint_ref = reference("Endpoint", self._endpoint(base))
-        study_condition = f"identifier={identifier_query(uid_identifier(entry.study_uid))}"
 
         def study_of(current: dict | None) -> dict:
             problems.reasons[:] = patient_problems
             return mapping.study_resource(current, ds, entry.study_uid, patient_ref, endpoint_ref, base, problems)
 
-        study = self._save(self._study(entry.study_uid), study_of, study_condition)
+        study_identifier = uid_identifier(entry.study_uid)
+        study = self._save(self._find("ImagingStudy", study_identifier), study_of, self._condition(study_identifier))
         if self.observations:
             study_ref = reference("ImagingStudy", study["id"])
             for observation in mapping.dose_observations(ds, patient_ref, study_ref, entry.study_uid, entry.sop_uid):
@@ -101,9 +103,26 @@ class FhirWriter:
             )
         return exact
 
-    def _study(self, study_uid: str) -> dict | None:
-        found = self._matching("ImagingStudy", uid_identifier(study_uid))
+    @staticmethod
+    def _condition(identifier: dict) -> str:
+        return f"identifier={identifier_query(identifier)}"
+
+    def _find(self, resource_type: str, identifier: dict) -> dict | None:
+        """The resource with this identifier: as last seen, else searched for."""
+        known = self._known.get(self._condition(identifier))
+        if known is not None and known["resourceType"] == resource_type:
+            return known
+        found = self._matching(resource_type, identifier)
         return found[0] if found else None
+
+    def _remember(self, condition: str, resource: dict | None) -> None:
+        if resource is None:
+            self._known.pop(condition, None)
+            return
+        self._known[condition] = resource
+        self._known.move_to_end(condition)
+        while len(self._known) > KNOWN_RESOURCES:
+            self._known.popitem(last=False)
 
     def _save(self, current: dict | None, build: Callable[[dict | None], dict], condition: str) -> dict:
         """Creates (conditionally) or updates the resource ``build`` makes from the current one; on a lost race
@@ -113,15 +132,25 @@ class FhirWriter:
             if current is None:
                 created, is_new = self.fhir.create(desired, if_none_exist=condition)
                 if is_new:
+                    self._remember(condition, created)
                     return created
                 current = created
                 continue
             if _content(desired) == _content(current):
+                self._remember(condition, current)
                 return current
             try:
-                return self.fhir.update(desired)
+                saved = self.fhir.update(desired)
             except PreconditionFailed:
                 current = self.fhir.read(current["resourceType"], current["id"])
+            except FhirError as exc:
+                if exc.status not in (404, 410):
+                    raise
+                current = None  # deleted meanwhile: created again
+            else:
+                self._remember(condition, saved)
+                return saved
+            self._remember(condition, current)
         raise FhirError(412, f"{condition}: changed by someone else {MAX_CONFLICTS} times in a row")
 
     def _endpoint(self, address: str) -> str:
@@ -145,7 +174,8 @@ class FhirWriter:
     def _delete_instance(self, entry: Entry, base: str) -> None:
         """Removes the instance (and its emptied series) from the ImagingStudy; an emptied study of ours is
         deleted with its Observations. The report's Observations go with a deleted dose SR."""
-        study = self._study(entry.study_uid)
+        condition = self._condition(uid_identifier(entry.study_uid))
+        study = self._find("ImagingStudy", uid_identifier(entry.study_uid))
         for _ in range(MAX_CONFLICTS):
             if study is None:
                 break
@@ -156,12 +186,18 @@ class FhirWriter:
                 for observation in self.fhir.search("Observation", {"part-of": f"ImagingStudy/{study['id']}"}):
                     self.fhir.delete("Observation", observation["id"])
                 self.fhir.delete("ImagingStudy", study["id"])
+                self._remember(condition, None)
                 break
             try:
-                self.fhir.update(reduced)
+                self._remember(condition, self.fhir.update(reduced))
                 break
             except PreconditionFailed:
                 study = self.fhir.read("ImagingStudy", study["id"])
+            except FhirError as exc:
+                if exc.status not in (404, 410):
+                    raise
+                study = None
+            self._remember(condition, study)
         else:
             raise FhirError(412, f"ImagingStudy {entry.study_uid}: changed by someone else {MAX_CONFLICTS} times")
         report = {"identifier": identifier_query(uid_identifier(entry.sop_uid))}
