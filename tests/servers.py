@@ -60,8 +60,8 @@ class Server:
         self.log_path = data_dir / "server.log"
         from tests.support.object_stores import server_blob_settings, test_backend  # that module imports this one
 
-        # DICOMHUB_TEST_BLOB=s3|azure: files in that store, under a prefix kept across this server's restarts
-        self.blob_env = {} if "blob_url" in settings else server_blob_settings(test_backend())
+        # DICOMHUB_TEST_BLOB=s3|azure: files in that store, under a prefix of the data folder's own
+        self.blob_env = {} if "blob_url" in settings else server_blob_settings(test_backend(), data_dir)
 
     def blob_files(self, pattern: str) -> list:
         """The server's stored files whose keys match ``pattern`` (a glob), on whichever backend it runs."""

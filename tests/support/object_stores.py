@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import atexit
 import fnmatch
+import hashlib
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 import obstore
@@ -54,11 +54,12 @@ def azurite() -> Azurite:
     return _started("azure", Azurite)
 
 
-def server_blob_settings(backend: str | None) -> dict[str, str]:
-    """Environment for one test server on ``backend``: the store's credentials and a prefix of its own."""
+def server_blob_settings(backend: str | None, data_dir: Path) -> dict[str, str]:
+    """Environment for one test server on ``backend``: the store's credentials and a prefix of its data folder's
+    own, so a server started again on the same folder finds its files."""
     if backend is None:
         return {}
-    prefix = uuid.uuid4().hex[:12]
+    prefix = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
     if backend == "s3":
         return {**seaweedfs().env(), "DICOMHUB_BLOB_URL": f"s3://dicom/{prefix}"}
     return {**azurite().env(), "DICOMHUB_BLOB_URL": f"azure://dicom/{prefix}"}
