@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -61,8 +61,10 @@ from dicomhub.services import Services
 log = logging.getLogger(__name__)
 
 MAX_PDU = 262144  # what peers may send us per PDU: fewer, bigger PDUs cost less per byte in Python
-ACSE_TIMEOUT = 30.0
 REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+# The acceptor's order decides among the syntaxes a context proposes: explicit VR little endian first, so that what
+# was stored in it goes out byte for byte on C-GET, and a modality offering it besides a lossy one sends lossless.
+STORAGE_SYNTAXES = [ExplicitVRLittleEndian, *(ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian)]
 FIND_MODELS = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 MOVE_MODELS = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
 GET_MODELS = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
@@ -103,11 +105,12 @@ class DimseServer:
         ae = AE(ae_title=self.settings.dimse_aet)
         ae.maximum_associations = self.settings.dimse_max_associations
         ae.maximum_pdu_size = MAX_PDU
-        ae.acse_timeout = ACSE_TIMEOUT
-        ae.dimse_timeout = ae.network_timeout = self.settings.dimse_idle_timeout
+        # one bound on every wait: for the A-ASSOCIATE-RQ after connecting (garbage, a truncated PDU), for the next
+        # PDU of an association (one that never releases), for a DIMSE answer of a move destination
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.dimse_idle_timeout
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:  # C-STORE in, and C-GET's C-STOREs out (SCP/SCU roles)
-            ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes, scu_role=True, scp_role=True)
+            ae.add_supported_context(context.abstract_syntax, STORAGE_SYNTAXES, scu_role=True, scp_role=True)
         for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
             ae.add_supported_context(model)
         ae.add_supported_context(StorageCommitmentPushModel)
@@ -120,6 +123,7 @@ class DimseServer:
     def start(self) -> None:
         """Binds and serves in background threads."""
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -143,11 +147,20 @@ class DimseServer:
         self.reporter.shutdown()
 
     # -- association policy ------------------------------------------------------------------------------------
+    def _on_connection(self, event: evt.Event) -> None:
+        """Bounds the two waits pynetdicom leaves open on an accepted connection by the idle timeout: the fixed 30 s
+        (ARTIM) for a peer to close after an abort or reject (one sending garbage), and the read of the rest of a
+        PDU, which blocks without a socket timeout (a truncated PDU would hold its thread for ever)."""
+        idle = self.settings.dimse_idle_timeout
+        event.assoc.dul.artim_timer.timeout = idle
+        event.assoc.dul.socket.socket.settimeout(idle)
+
     def _on_requested(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
         if self.peers.caller(calling) is None:
             log.warning("DIMSE association refused: unknown calling AE title", extra={"calling_aet": calling})
             event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+            event.assoc.kill()  # as pynetdicom's own rejections: returns once the A-ASSOCIATE-RJ is out
 
     def _caller(self, event: evt.Event) -> Caller | None:
         return self.peers.caller(event.assoc.requestor.ae_title)
