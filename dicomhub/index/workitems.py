@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, exists, insert, literal, select, text, true
+from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, insert, literal, select, text, true
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
@@ -119,9 +119,10 @@ def _condition(flt: WorkitemFilter) -> ColumnElement[bool]:
 
 
 def _has_value(attribute: int, matches: ColumnElement[bool]) -> ColumnElement[bool]:
-    return exists().where(
-        (workitem_value.c.workitem_key == workitem.c.workitem_key) & (workitem_value.c.attribute == attribute) & matches
-    )
+    """``key IN (keys with a matching value)``: planners start from the (attribute, value) index, where a correlated
+    EXISTS made SQLite test it row by row."""
+    keys = select(workitem_value.c.workitem_key).where((workitem_value.c.attribute == attribute) & matches)
+    return workitem.c.workitem_key.in_(keys)
 
 
 def _now() -> datetime:
