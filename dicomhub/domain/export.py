@@ -9,7 +9,6 @@ operation id). The last step writes ``<operation>/errors.log`` (JSON lines ``{ti
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -143,19 +142,20 @@ class ExportHandler:
         return {"exported": exported, "skipped": skipped, "errors": errors}
 
     def _export(self, operation_id: str, inst: StoredInstance, destination: Location, uid_map: UidMap | None) -> None:
-        """Streams the stored file to the destination; de-identified, its header is rewritten and the pixel data
-        copied as it is (in memory for a small file, through a spool file otherwise)."""
+        """Copies the stored file to the destination through a spool (in memory while small): obstore cannot read
+        a source that is itself an object-store reader while it uploads. De-identified, the header is rewritten
+        and the pixel data copied as it is."""
         uids = (inst.study_uid, inst.series_uid, inst.sop_uid)
-        with self.blobs.open(inst.blob_key) as src:
+        with tempfile.SpooledTemporaryFile(max_size=MEMORY_PART_LIMIT) as spool:
             if uid_map is None:
-                put_file(destination.store, result_key(operation_id, *uids), src)
-                return
-            uids = tuple(uid_map(u) for u in uids)
-            small = inst.file_size <= MEMORY_PART_LIMIT
-            with io.BytesIO() if small else tempfile.TemporaryFile() as spool:
-                rewrite(src, lambda ds: deidentify(ds, uid_map), spool)
-                spool.seek(0)
-                put_file(destination.store, result_key(operation_id, *uids), spool)
+                for piece in self.blobs.iter_range(inst.blob_key):
+                    spool.write(piece)
+            else:
+                uids = tuple(uid_map(u) for u in uids)
+                with self.blobs.open(inst.blob_key) as src:
+                    rewrite(src, lambda ds: deidentify(ds, uid_map), spool)
+            spool.seek(0)
+            put_file(destination.store, result_key(operation_id, *uids), spool)
 
     def finish(self, operation: Operation, results: list[dict[str, Any]]) -> tuple[OperationStatus, dict | None]:
         destination = open_location(operation.parameters["destination"], self.settings)
