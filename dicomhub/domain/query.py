@@ -136,7 +136,7 @@ RESOURCES = {
     "study-instances": (INSTANCE, {SERIES, INSTANCE}, (SERIES, INSTANCE)),
     "series-instances": (INSTANCE, {INSTANCE}, (INSTANCE,)),
 }
-_CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
+CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
 _DATE = re.compile(r"[0-9]{8}")
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
 
@@ -154,7 +154,7 @@ class SearchRequest:
     erroneous: list[str] = field(default_factory=list)  # extended tags queried although their index has errors
 
 
-def _invalid(name: str, detail: str) -> InvalidRequest:
+def invalid_parameter(name: str, detail: str) -> InvalidRequest:
     return InvalidRequest(f"The query parameter '{name}' is invalid. {detail}")
 
 
@@ -179,21 +179,14 @@ def parse_search(
     seen_controls: set[str] = set()
     for name, value in params:
         lower = name.lower()
-        if lower in _CONTROL_PARAMS:
-            if lower != "includefield":
-                if lower in seen_controls:
-                    raise _invalid(name, "The parameter is specified more than once.")
-                seen_controls.add(lower)
-            if lower == "includefield":
+        if lower in CONTROL_PARAMS:
+            control, parsed = parse_control(name, value, seen_controls)
+            if control == "includefield":
                 _parse_includefield(request, value)
-            elif lower == "limit":
-                request.limit = _parse_int("Limit", value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
-            elif lower == "offset":
-                request.offset = _parse_int("Offset", value, 0, 2**63 - 1, "The field Offset must be 0 or greater.")
+            elif control == "fuzzymatching":
+                fuzzy = bool(parsed)
             else:
-                if value.lower() not in ("true", "false"):
-                    raise _invalid(name, "The value must be 'true' or 'false'.")
-                fuzzy = value.lower() == "true"
+                setattr(request, control, parsed)
             continue
         if name in seen_names:
             raise InvalidRequest(f"Duplicate AttributeId '{name}'. Each attribute is only supported once.")
@@ -213,10 +206,10 @@ def parse_search(
         if attribute is None or attribute.level not in filter_levels:
             raise InvalidRequest(f"Invalid query: AttributeId {name} is not queryable. ")
         if not value.strip():
-            raise _empty(name)
+            raise empty_value(name)
         raw_filters.append((attribute, name, value, column))
     for attribute, name, value, column in raw_filters:
-        condition = _filter(attribute, name, value, fuzzy)
+        condition = attribute_filter(attribute, name, value, fuzzy)
         request.filters.append(replace(condition, extended=column) if column else condition)
         request.filter_tags.append(attribute.tag)
     if study_uid is not None:
@@ -241,16 +234,35 @@ def _extended_attribute(
     return attribute_of(tag), ExtendedColumn(tag.key, tag.level, tag.kind)
 
 
-def _empty(name: str) -> InvalidRequest:
+def empty_value(name: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid query: AttributeId '{name}' has empty string value that is not supported.")
 
 
-def _parse_int(name: str, value: str, low: int, high: int, detail: str) -> int:
+def parse_control(name: str, value: str, seen: set[str]) -> tuple[str, int | bool | str]:
+    """One paging/matching control of a search (``limit``, ``offset``, ``fuzzymatching``, ``includefield``), checked
+    as QIDO checks it; returns the control's lower-case name and its parsed value. Only includefield may repeat."""
+    lower = name.lower()
+    if lower != "includefield":
+        if lower in seen:
+            raise invalid_parameter(name, "The parameter is specified more than once.")
+        seen.add(lower)
+    if lower == "limit":
+        return lower, parse_bounded_int("Limit", value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
+    if lower == "offset":
+        return lower, parse_bounded_int("Offset", value, 0, 2**63 - 1, "The field Offset must be 0 or greater.")
+    if lower == "fuzzymatching":
+        if value.lower() not in ("true", "false"):
+            raise invalid_parameter(name, "The value must be 'true' or 'false'.")
+        return lower, value.lower() == "true"
+    return lower, value
+
+
+def parse_bounded_int(name: str, value: str, low: int, high: int, detail: str) -> int:
     if not _INTEGER.fullmatch(value):  # plain ASCII digits only: int() would also take "1_0", " 5" or "５"
-        raise _invalid(name, detail)
+        raise invalid_parameter(name, detail)
     number = int(value)
     if not low <= number <= high:
-        raise _invalid(name, detail)
+        raise invalid_parameter(name, detail)
     return number
 
 
@@ -263,19 +275,19 @@ def _parse_includefield(request: SearchRequest, value: str) -> None:
             continue
         tag = parse_attribute_id(item)
         if tag is None:
-            raise _invalid("includefield", f"The attribute '{item}' in includefield is unknown.")
+            raise invalid_parameter("includefield", f"The attribute '{item}' in includefield is unknown.")
         request.include.add(tag)
     if request.include_all and request.include:
-        raise _invalid("includefield", "The query cannot specify included fields in addition to 'all'.")
+        raise invalid_parameter("includefield", "The query cannot specify included fields in addition to 'all'.")
 
 
-def _filter(attribute: IndexedAttribute, name: str, value: str, fuzzy: bool) -> QueryFilter:
+def attribute_filter(attribute: IndexedAttribute, name: str, value: str, fuzzy: bool) -> QueryFilter:
     tag = attribute.tag
     value = value.rstrip("\0")
     if attribute.vr == "UI":
         uids = [normalize_uid(v) for v in re.split(r"[,\\]", value) if v.strip()]
         if not uids:
-            raise _empty(name)
+            raise empty_value(name)
         for uid in uids:
             if not is_valid_uid(uid):
                 raise InvalidRequest(f"Invalid query: the {name} '{uid}' is invalid. {INVALID_UID_MESSAGE}")
@@ -291,14 +303,14 @@ def _filter(attribute: IndexedAttribute, name: str, value: str, fuzzy: bool) -> 
     if tag == MODALITIES_IN_STUDY:
         values = [v.strip().upper() for v in re.split(r"[,\\]", value) if v.strip()]
         if not values:
-            raise _empty(name)
+            raise empty_value(name)
         return QueryFilter(tag, "list", tuple(values)) if len(values) > 1 else _string_filter(tag, values[0])
     if attribute.vr == "PN" and fuzzy:
         if '"' in value:
             raise InvalidRequest(f"Invalid query: the value of '{name}' contains a '\"', which fuzzy matching rejects.")
         words = name_words(value)
         if not words:
-            raise _empty(name)
+            raise empty_value(name)
         return QueryFilter(tag, "fuzzy", tuple(words))
     return _string_filter(tag, fold_value(attribute, value))
 

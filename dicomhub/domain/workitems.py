@@ -27,7 +27,14 @@ from dicomhub.dicom.validation import dataset_errors, pydicom_error
 from dicomhub.domain.attributes import IndexedAttribute, fold_value
 from dicomhub.domain.errors import BodySyntaxInvalid, Conflict, InvalidRequest, ResourceNotFound
 from dicomhub.domain.extended_tags import normalize_datetime
-from dicomhub.domain.query import DEFAULT_LIMIT, MAX_LIMIT, _empty, _filter, _invalid, _parse_int
+from dicomhub.domain.query import (
+    CONTROL_PARAMS,
+    DEFAULT_LIMIT,
+    attribute_filter,
+    empty_value,
+    invalid_parameter,
+    parse_control,
+)
 from dicomhub.index.records import Partition
 from dicomhub.index.workitems import WorkitemExists, WorkitemFilter, WorkitemRow, WorkitemStore, WorkitemValues
 
@@ -216,10 +223,7 @@ SEARCH_KEYS = dict(
 )
 # Values checked against their VR, as Azure does: the required, state and searched attributes (others are kept as
 # sent: Azure's own conformance collection creates a workitem with a CS value of 17 characters)
-VALIDATED = frozenset(
-    {SOP_INSTANCE, TRANSACTION, STATE, *CREATE_TYPE_1, *(f"{tags[0]:08X}" for tags in SEARCH_KEYS)}
-)
-_CONTROL_PARAMS = {"limit", "offset", "includefield", "fuzzymatching"}
+VALIDATED = frozenset({SOP_INSTANCE, TRANSACTION, STATE, *CREATE_TYPE_1, *(f"{tags[0]:08X}" for tags in SEARCH_KEYS)})
 _AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}")  # PS3.5 AE: printable ASCII without backslash
 
 
@@ -411,20 +415,14 @@ def parse_workitem_query(params: Sequence[tuple[str, str]], controls: bool = Tru
     matches: list[tuple[SearchKey, str, str]] = []
     for name, value in params:
         lower = name.lower()
-        if controls and lower in _CONTROL_PARAMS:
-            if lower != "includefield" and lower in seen:
-                raise _invalid(name, "The parameter is specified more than once.")
-            seen.add(lower)
-            if lower == "includefield":
+        if controls and lower in CONTROL_PARAMS:
+            control, parsed = parse_control(name, value, seen)
+            if control == "includefield":
                 _parse_includefield(query, value)
-            elif lower == "limit":
-                query.limit = _parse_int("Limit", value, 1, MAX_LIMIT, "The field Limit must be between 1 and 200.")
-            elif lower == "offset":
-                query.offset = _parse_int("Offset", value, 0, 2**63 - 1, "The field Offset must be 0 or greater.")
-            elif value.lower() in ("true", "false"):
-                fuzzy = value.lower() == "true"
+            elif control == "fuzzymatching":
+                fuzzy = bool(parsed)
             else:
-                raise _invalid(name, "The value must be 'true' or 'false'.")
+                setattr(query, control, parsed)
             continue
         if name in seen:
             raise InvalidRequest(f"Duplicate AttributeId '{name}'. Each attribute is only supported once.")
@@ -434,13 +432,13 @@ def parse_workitem_query(params: Sequence[tuple[str, str]], controls: bool = Tru
         if key is None:
             raise InvalidRequest(f"Invalid workitem query. AttributeId '{name}' is not queryable.")
         if not value.strip():
-            raise _empty(name)
+            raise empty_value(name)
         matches.append((key, name, value))
         query.filter_keys.add(f"{tags[0]:08X}")
     for key, name, value in matches:
-        condition = _filter(key.attribute, name, value, fuzzy)
+        condition = attribute_filter(key.attribute, name, value, fuzzy)
         if condition.match == "exact" and key.attribute.vr in ("CS", "SH", "LO") and condition.values[0] == "":
-            raise _empty(name)
+            raise empty_value(name)
         query.filters.append(WorkitemFilter(key.stored_as, condition))
     return query
 
@@ -454,7 +452,7 @@ def _parse_includefield(query: WorkitemQuery, value: str) -> None:
             continue
         tag = parse_attribute_id(item)
         if tag is None:
-            raise _invalid("includefield", f"The attribute '{item}' in includefield is unknown.")
+            raise invalid_parameter("includefield", f"The attribute '{item}' in includefield is unknown.")
         query.include.add(f"{tag:08X}")
 
 

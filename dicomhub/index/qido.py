@@ -43,14 +43,14 @@ COLUMNS = {
 NAME_ATTRIBUTES = {0x00100010: NAME_PATIENT, 0x00080090: NAME_REFERRING_PHYSICIAN}
 
 
-def _like_pattern(value: str) -> str:
+def like_pattern(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _value_condition(column, flt: QueryFilter) -> ColumnElement[bool]:
+def value_condition(column, flt: QueryFilter) -> ColumnElement[bool]:
     if flt.match == "wildcard":
-        return column.like(_like_pattern(flt.values[0]), escape="\\")
+        return column.like(like_pattern(flt.values[0]), escape="\\")
     if flt.match == "list":
         return column.in_(flt.values)
     if flt.match == "range":
@@ -86,7 +86,7 @@ def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> Colum
     if flt.tag == MODALITIES_IN_STUDY:
         # an alias: at series/instance level the outer query has ``series`` too, which must not be correlated
         other = series.alias("modality_series")
-        return exists().where((other.c.study_key == study.c.study_key) & _value_condition(other.c.modality, flt))
+        return exists().where((other.c.study_key == study.c.study_key) & value_condition(other.c.modality, flt))
     if flt.match == "fuzzy":
         attribute = NAME_ATTRIBUTES[flt.tag]
         # name_word rows are only ever added, so a study keeps the words of names it no longer has: each word
@@ -97,13 +97,13 @@ def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> Colum
                 exists().where(
                     (name_word.c.study_key == study.c.study_key)
                     & (name_word.c.attribute == attribute)
-                    & name_word.c.word.like(_like_pattern(word) + "%", escape="\\")
+                    & name_word.c.word.like(like_pattern(word) + "%", escape="\\")
                     & _contains(dialect, current, literal(" ") + name_word.c.word + literal(" "))
                 )
                 for word in flt.values
             )
         )
-    return _value_condition(columns[flt.tag], flt)
+    return value_condition(columns[flt.tag], flt)
 
 
 # The key an extended query tag's values are joined on, by query level and tag level.
@@ -133,7 +133,7 @@ def _extended_condition(flt: QueryFilter, owners: dict, number: int) -> ColumnEl
             *(
                 owner.in_(
                     select(word.c.resource_key).where(
-                        (word.c.tag_key == tag_key) & word.c.word.like(_like_pattern(w) + "%", escape="\\")
+                        (word.c.tag_key == tag_key) & word.c.word.like(like_pattern(w) + "%", escape="\\")
                     )
                 )
                 for w in flt.values
@@ -143,7 +143,7 @@ def _extended_condition(flt: QueryFilter, owners: dict, number: int) -> ColumnEl
     # (one value row per tag and resource, so the join adds no rows)
     table = _value_alias(flt.extended.kind, number)
     if flt.extended.kind == "string":
-        matches = _value_condition(table.c.value, flt)
+        matches = value_condition(table.c.value, flt)
     else:
         matches = table.c.value == (int if flt.extended.kind == "long" else float)(flt.values[0])
     return (table.c.resource_key == owner) & (table.c.tag_key == tag_key) & matches

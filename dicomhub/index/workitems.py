@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, insert, 
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
-from dicomhub.index.qido import _like_pattern, _value_condition
+from dicomhub.index.qido import like_pattern, value_condition
 from dicomhub.index.records import QueryFilter
 from dicomhub.index.schema import workitem, workitem_event, workitem_subscription, workitem_value
 
@@ -110,12 +110,12 @@ def _condition(flt: WorkitemFilter) -> ColumnElement[bool]:
             word = VALUE_ATTRIBUTES["patient_name_word"]
             return and_(
                 *(
-                    _has_value(word, workitem_value.c.value.like(_like_pattern(w) + "%", escape="\\"))
+                    _has_value(word, workitem_value.c.value.like(like_pattern(w) + "%", escape="\\"))
                     for w in condition.values
                 )
             )
-        return _value_condition(COLUMNS[flt.key], condition)
-    return _has_value(VALUE_ATTRIBUTES[flt.key], _value_condition(workitem_value.c.value, condition))
+        return value_condition(COLUMNS[flt.key], condition)
+    return _has_value(VALUE_ATTRIBUTES[flt.key], value_condition(workitem_value.c.value, condition))
 
 
 def _has_value(attribute: int, matches: ColumnElement[bool]) -> ColumnElement[bool]:
