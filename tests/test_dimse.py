@@ -813,3 +813,71 @@ def test_tls_when_certificate_and_key_are_configured(tmp_path: Path):
     finally:
         server.shutdown()
         server.services.index.engine.dispose()
+
+
+# -- Modality Worklist -----------------------------------------------------------------------------------------
+def test_modality_worklist_answers_scheduled_workitems(hub: Hub, tmp_path: Path):
+    from tests.test_workitems import cancel, new_workitem
+
+    tag = new_uid()[-6:]
+    scheduled = new_workitem(
+        hub.http,
+        "/v2/partitions/Microsoft.Default",
+        patient_id=f"MWL{tag}",
+        station="CT_MWL",
+        accession=f"ACC{tag}",
+        start="20240612093000",
+    )
+    canceled = new_workitem(
+        hub.http,
+        "/v2/partitions/Microsoft.Default",
+        patient_id=f"MWL{tag}",
+        station="CT_MWL",
+        accession=f"ACX{tag}",
+        start="20240612110000",
+    )
+    assert cancel(hub.http, canceled, base="/v2/partitions/Microsoft.Default").status_code == 202
+    keys = [
+        f"PatientID=MWL{tag}",
+        "PatientName",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "RequestedProcedureDescription",
+        "ScheduledProcedureStepSequence[0].ScheduledStationAETitle=CT_MWL",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate=20240612",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime",
+        "ScheduledProcedureStepSequence[0].Modality",
+    ]
+    found = findscu(hub, tmp_path, keys, model="-W")
+    assert [d.AccessionNumber for d in found] == [f"ACC{tag}"]
+    [answer] = found
+    step = answer.ScheduledProcedureStepSequence[0]
+    assert (str(answer.PatientName), answer.StudyInstanceUID) == ("Last^First", "1.2.3.4.5")
+    assert answer.RequestedProcedureDescription == "Requested procedure description"
+    assert (step.ScheduledStationAETitle, step.Modality) == ("CT_MWL", "CLASS")
+    assert (step.ScheduledProcedureStepStartDate, step.ScheduledProcedureStepStartTime) == ("20240612", "093000")
+    assert scheduled  # the other day's and other stations' items are not answered
+    assert (
+        findscu(
+            hub,
+            tmp_path,
+            [f"PatientID=MWL{tag}", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate=20240613"],
+            model="-W",
+        )
+        == []
+    )
+
+
+def test_serve_with_two_workers_binds_the_listener_once(tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("dimse-workers")
+    settings = {"workers": "2", "dimse_enabled": "true", "dimse_port": str(port), "dimse_accept_any": "true"}
+    server = Server(data_dir, None, **settings).start()
+    try:
+        echo = run("echoscu", "-aet", "ANYONE", "-aec", "DICOMHUB", "127.0.0.1", str(port))
+        log = server.log_path.read_text()
+    finally:
+        server.stop()
+    assert log.count('"message": "DIMSE listener started"') == 1
+    assert "Address already in use" not in log
+    assert echo.returncode == 0, echo.stderr

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -55,6 +56,7 @@ from dicomhub.dimse.status import (
     status,
 )
 from dicomhub.dimse.store import store_received, store_status
+from dicomhub.dimse.worklist import worklist
 from dicomhub.index.records import Partition
 from dicomhub.services import Services
 
@@ -111,7 +113,7 @@ class DimseServer:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:  # C-STORE in, and C-GET's C-STOREs out (SCP/SCU roles)
             ae.add_supported_context(context.abstract_syntax, STORAGE_SYNTAXES, scu_role=True, scp_role=True)
-        for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
+        for model in (*FIND_MODELS, ModalityWorklistInformationFind, *MOVE_MODELS, *GET_MODELS):
             ae.add_supported_context(model)
         ae.add_supported_context(StorageCommitmentPushModel)
         return ae
@@ -207,7 +209,11 @@ class DimseServer:
             return  # nothing stored for this caller yet: no matches
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
-            for reply in find(self.services, partition, event.identifier, sop_class, self.settings.dimse_aet):
+            if sop_class == ModalityWorklistInformationFind:
+                replies = worklist(self.services, partition, event.identifier)
+            else:
+                replies = find(self.services, partition, event.identifier, sop_class, self.settings.dimse_aet)
+            for reply in replies:
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
