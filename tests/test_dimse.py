@@ -174,7 +174,12 @@ def test_store_statuses_for_missing_uids_invalid_values_and_implicit_vr(hub: Hub
     del no_sop.SOPInstanceUID  # the file meta still names it: the C-STORE command carries that UID
     invalid = make_dataset(PatientBirthDate="2024-13-45")
     implicit = make_dataset(transfer_syntax=ImplicitVRLittleEndian)
-    paths = [write(tmp_path, ds, f"{n}.dcm") for n, ds in enumerate((no_study, no_sop, invalid, implicit))]
+    other_uid = make_dataset()
+    datasets = (no_study, no_sop, invalid, implicit, other_uid)
+    paths = [write(tmp_path, ds, f"{n}.dcm") for n, ds in enumerate(datasets)]
+    # the file meta's UID (the request's Affected SOP Instance UID) one digit off the data set's
+    uid = other_uid.SOPInstanceUID.encode()
+    paths[4].write_bytes(paths[4].read_bytes().replace(uid, uid[:-1] + str((int(uid[-1:]) + 1) % 10).encode(), 1))
     _config.STORE_SEND_CHUNKED_DATASET = True
     contexts = [build_context(SecondaryCaptureImageStorage, [ts]) for ts in (ExplicitVRLittleEndian,)]
     contexts.append(build_context(SecondaryCaptureImageStorage, ImplicitVRLittleEndian))
@@ -184,13 +189,14 @@ def test_store_statuses_for_missing_uids_invalid_values_and_implicit_vr(hub: Hub
     finally:
         assoc.release()
     statuses = [a.Status for a in answers]
-    assert statuses == [0xA900, 0xA900, 0xB006, 0x0000]
+    assert statuses == [0xA900, 0xA900, 0xB006, 0x0000, 0xA900]
+    assert answers[4].ErrorComment == "SOP Instance UID differs from the C-STORE request."
     assert answers[0].ErrorComment == "(0020,000d) - The required tag '(0020,000d)' is missing."
     assert "(0008,0018)" in answers[1].ErrorComment.upper()
     assert "(0010,0030)" in answers[2].ErrorComment
     # nothing stored for the failures; the warned and implicit instances are there as sent
-    studies = hub.http.get(hub.studies_path(), params={"StudyInstanceUID": no_sop.StudyInstanceUID})
-    assert studies.status_code == 204
+    for ds in (no_sop, other_uid):
+        assert hub.http.get(hub.studies_path(), params={"StudyInstanceUID": ds.StudyInstanceUID}).status_code == 204
     assert dataset_bytes(hub.stored_file(implicit)) == dataset_bytes(paths[3].read_bytes())
     assert dataset_bytes(hub.stored_file(invalid)) == dataset_bytes(paths[2].read_bytes())
 

@@ -48,6 +48,7 @@ from dicomhub.dimse.peers import Caller, PeerDirectory
 from dicomhub.dimse.retrieve import datasets, matching_instances, move_contexts
 from dicomhub.dimse.status import (
     CANCEL,
+    IDENTIFIER_MISMATCH,
     OUT_OF_RESOURCES,
     PENDING,
     PROCESSING_FAILURE,
@@ -55,7 +56,7 @@ from dicomhub.dimse.status import (
     not_authorized,
     status,
 )
-from dicomhub.dimse.store import store_received, store_status
+from dicomhub.dimse.store import command_mismatch, store_received, store_status
 from dicomhub.dimse.worklist import worklist
 from dicomhub.index.records import Partition
 from dicomhub.services import Services
@@ -188,6 +189,10 @@ class DimseServer:
         caller = self._caller(event)
         if caller is None or "store" not in caller.operations:
             return not_authorized("store")
+        request = event.request
+        mismatch = command_mismatch(event.dataset_path, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+        if mismatch is not None:
+            return status(IDENTIFIER_MISMATCH, mismatch)
         try:
             result = store_received(self.services, self._partition(caller.partition, create=True), event.dataset_path)
         except Exception:

@@ -9,7 +9,8 @@ Status codes (PS3.4 B.2.3, the reason in Error Comment):
 * 0000 stored; implicit VR little endian too (STOW's 45063 warning is an HTTP convention, not a storage warning);
 * B006 stored, but attribute values failed validation and are not searchable (STOW v2's warning);
 * 0111 duplicate SOP instance (PS3.7 C.4): already stored or being stored; the first instance is kept;
-* A900 the data set cannot be stored (missing or invalid UIDs, unreadable, damaged): nothing stored;
+* A900 the data set cannot be stored (missing or invalid UIDs, UIDs other than the request's, unreadable, damaged):
+  nothing stored;
 * A700 the archive failed to make it durable (STOW's 272).
 """
 
@@ -19,10 +20,12 @@ import logging
 import shutil
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from dicomhub.blobs.base import Staged
 from dicomhub.dimse.status import IDENTIFIER_MISMATCH, OUT_OF_RESOURCES, SUCCESS, status
+from dicomhub.domain.attributes import SOP_CLASS_UID, SOP_UID
 from dicomhub.domain.store import (
     INSTANCE_BEING_CREATED,
     INSTANCE_EXISTS,
@@ -45,6 +48,21 @@ def store_received(services: Services, partition: Partition, received: Path) -> 
     staging = services.blobs.new_staging_file()
     shutil.move(received, staging)
     return services.store.store(partition, Staged(staging), API_VERSION, None)
+
+
+def command_mismatch(received: Path, sop_class: str, sop_uid: str) -> str | None:
+    """Why the data set contradicts its C-STORE request (whose UIDs pynetdicom wrote into the file meta), or None.
+
+    An unreadable data set is not judged here: the store path says what is wrong with it."""
+    try:
+        ds = pydicom.dcmread(received, stop_before_pixels=True, specific_tags=[SOP_CLASS_UID, SOP_UID])
+    except Exception:
+        return None
+    for tag, expected, name in ((SOP_UID, sop_uid, "SOP Instance UID"), (SOP_CLASS_UID, sop_class, "SOP Class UID")):
+        found = str(ds[tag].value or "").rstrip("\0 ") if tag in ds else ""
+        if found and found != expected.rstrip("\0 "):
+            return f"{name} differs from the C-STORE request."
+    return None
 
 
 def store_status(result: StoreResult) -> Dataset:
