@@ -49,6 +49,7 @@ from dicomhub.dimse.retrieve import datasets, matching_instances, move_contexts
 from dicomhub.dimse.status import (
     CANCEL,
     IDENTIFIER_MISMATCH,
+    NO_SUCH_ACTION,
     OUT_OF_RESOURCES,
     PENDING,
     PROCESSING_FAILURE,
@@ -277,7 +278,7 @@ class DimseServer:
         if caller is None or caller.peer is None or "commit" not in caller.operations:
             return not_authorized("request storage commitment"), None
         if event.action_type != REQUEST_COMMITMENT:
-            return status(0x0123, "Only action type 1 (Request Storage Commitment)."), None  # No such action
+            return status(NO_SUCH_ACTION, "Only action type 1 (Request Storage Commitment)."), None
         try:
             transaction, references = requested_references(event.action_information)
         except CommitmentRequestError as exc:
