@@ -24,8 +24,10 @@ OCTET_STREAM = "application/octet-stream"
 MULTIPART_RELATED = "multipart/related"
 
 _PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
-# RFC 2046 boundaries: at most 70 characters, no trailing space; quotes and backslashes would not survive a header
-_BOUNDARY = re.compile(r"[ !#-\[\]-~]{0,69}[!#-\[\]-~]")
+# RFC 2046 boundaries (no trailing space; quotes and backslashes would not survive a header). RFC 2046 asks for at
+# most 70 characters, but real clients send more (Orthanc's DICOMweb plugin: 73), so up to 200 are read.
+MAX_BOUNDARY_LENGTH = 200
+_BOUNDARY = re.compile(rf"[ !#-\[\]-~]{{0,{MAX_BOUNDARY_LENGTH - 1}}}[!#-\[\]-~]")
 
 
 @dataclass
@@ -339,7 +341,8 @@ def stow_boundary(content_type: str | None) -> str | None:
         raise UnsupportedMediaType("The multipart/related content type has no boundary parameter.")
     if not _BOUNDARY.fullmatch(boundary):
         raise InvalidRequest(
-            f"The multipart boundary '{boundary}' is invalid: it must be 1 to 70 printable ASCII characters, "
+            f"The multipart boundary '{boundary}' is invalid: it must be 1 to {MAX_BOUNDARY_LENGTH} printable ASCII "
+            "characters, "
             "without quotes or backslashes, not ending with a space (RFC 2046)."
         )
     related = media.related_type
