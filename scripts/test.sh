@@ -60,4 +60,10 @@ if [ "$#" -eq 0 ]; then
     DICOMHUB_TEST_BLOB=$backend .venv/bin/python -m pytest -n 2 -q "${STORAGE_TESTS[@]}" || rc=1
   done
 fi
+# 5. The whole suite again with authentication on (a real OpenID provider; every test client sends an admin token),
+# on SQLite: every route behaves the same behind the auth middleware. Only when no pytest arguments narrowed the run.
+if [ "$#" -eq 0 ]; then
+  log "whole suite with DICOMHUB_TEST_AUTH=1 (SQLite)"
+  DICOMHUB_TEST_AUTH=1 .venv/bin/python -m pytest -n 2 -q -k "not postgres" || rc=1
+fi
 exit "$rc"

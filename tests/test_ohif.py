@@ -30,6 +30,7 @@ from pydicom.uid import CTImageStorage
 
 from tests.factory import make_dataset, multipart, new_uid, to_bytes
 from tests.servers import Server
+from tests.support.oidc.provider import admin_header_for
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -280,7 +281,10 @@ class Session:
 @contextmanager
 def ohif_session(browser: Browser, archive: str, thumbnail_rendering: str) -> Iterator[Session]:
     with ohif_site(archive, thumbnail_rendering) as site:
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        token = admin_header_for(archive)  # auth mode: the viewer logged in as an administrator would send it
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 800}, extra_http_headers={"Authorization": token} if token else None
+        )
         # OHIF's first-visit tour of the viewer would cover the viewport.
         context.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
         page = context.new_page()

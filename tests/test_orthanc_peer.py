@@ -18,9 +18,16 @@ import pytest
 
 from tests.factory import make_dataset, make_rgb_sample, to_bytes
 from tests.servers import Server, free_port
+from tests.support.oidc.provider import admin_header_for
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _token_headers(url: str) -> dict[str, dict[str, str]]:
+    """Orthanc's peer settings that send the admin token when the suite runs with authentication on."""
+    header = admin_header_for(url)
+    return {"HttpHeaders": {"Authorization": header}} if header else {}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def orthanc(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "DicomWeb": {
             "Enable": True,
             "Root": "/dicom-web/",
-            "Servers": {"dicomhub": {"Url": f"{server.url}/v2/"}},
+            "Servers": {"dicomhub": {"Url": f"{server.url}/v2/", **_token_headers(server.url)}},
         },
     }
     (home / "orthanc.json").write_text(json.dumps(config))

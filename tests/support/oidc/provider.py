@@ -125,7 +125,9 @@ def with_auth_mode(url: str, settings: dict[str, str]) -> dict[str, str]:
     return {**shared_provider().server_settings(), **settings}
 
 
-def _admin_header_for(url: str) -> str | None:
+def admin_header_for(url: str) -> str | None:
+    """``Bearer {admin token}`` for an auth-mode server at ``url`` (for peers the tests configure: Orthanc, a
+    browser); None when the server needs no token."""
     parts = urlsplit(url)
     if _shared is None or (parts.hostname or "", parts.port) not in _admin_targets:
         return None
@@ -139,7 +141,7 @@ def send_admin_tokens() -> None:
     requests_send = requests.Session.send
 
     def with_token(headers, url: str) -> None:
-        header = _admin_header_for(url)
+        header = admin_header_for(url)
         if header is not None and "authorization" not in headers:  # both header maps ignore case
             headers["Authorization"] = header
 
