@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     dimse_tls_ca: Path | None = Field(None, description="PEM CA bundle: DIMSE TLS callers need a cert it signed.")
     dimse_max_associations: int = Field(16, description="DIMSE associations served at once (one thread each).")
     dimse_idle_timeout: float = Field(60.0, description="Seconds an association may stay silent before it is aborted.")
+    dimse_commitment_delay: float = Field(
+        0.0, description="Seconds the DIMSE listener waits before it sends a storage commitment report."
+    )
     cast_enabled: bool = Field(False, description="Run DICOMcast (change feed -> FHIR) inside `dicomhub serve`.")
     cast_fhir_url: str | None = Field(None, description="DICOMcast: base URL of the FHIR R4 server.")
     cast_dicomweb_url: str | None = Field(

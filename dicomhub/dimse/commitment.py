@@ -3,25 +3,27 @@ is an N-EVENT-REPORT (event type 1: all committed; 2: some failed, each with Fai
 instance", or 0119 when the SOP class differs from the stored one).
 
 The report goes on a new association to the requesting peer's host and port (the standard allows either that or
-the same association; modalities must accept both). It is sent from a background thread, retried until 30 s after
-the request; a report the archive could not deliver is logged, and the modality asks again after its own timeout.
+the same association; modalities must accept both), ``DICOMHUB_DIMSE_COMMITMENT_DELAY`` after the request. The
+request is kept in the index until its report is delivered (``index/commitments.py``), so a listener restarted in
+between still sends it; retried every 2 s for 30 s, then every 30 s for an hour, then logged as not delivered.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, build_context, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from dicomhub.dimse.peers import Peer
+from dicomhub.dimse.peers import Caller, Peer, PeerDirectory
 from dicomhub.domain.attributes import SOP_CLASS_UID, SOP_UID
 from dicomhub.domain.query import MAX_LIMIT, SearchRequest
+from dicomhub.index.commitments import CommitmentStore, PendingCommitment
 from dicomhub.index.records import Partition, QueryFilter
 from dicomhub.services import Services
 
@@ -32,8 +34,13 @@ REQUEST_COMMITMENT = 1  # the only N-ACTION type of the SOP class
 ALL_COMMITTED, SOME_FAILED = 1, 2
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
-REPORT_DEADLINE_SECONDS = 30.0
+REPORT_DEADLINE_SECONDS = 30.0  # retried every RETRY_SECONDS until then, every LATE_RETRY_SECONDS after
 RETRY_SECONDS = 2.0
+LATE_RETRY_SECONDS = 30.0
+REPORT_EXPIRY_SECONDS = 3600.0  # a peer unreachable that long has asked again under a new transaction
+SEND_TIMEOUT_SECONDS = 10
+DELIVERY_LEASE_SECONDS = 4 * SEND_TIMEOUT_SECONDS  # longer than one try (associate, report, release)
+IDLE_POLL_SECONDS = 30.0
 
 
 class CommitmentRequestError(ValueError):
@@ -98,39 +105,84 @@ def _stored_classes(services: Services, partition: Partition, sop_uids: list[str
 
 
 class CommitmentReporter:
-    """Sends reports on new associations to the peers, from a small pool of threads."""
+    """Delivers the reports of the requests pending in the index: one thread wakes when the next is due, a small
+    pool sends them. A report is made when it is sent (from the index then), so an instance deleted meanwhile is
+    reported failed, never committed."""
 
-    def __init__(self, ae_title: str, threads: int = 2) -> None:
+    def __init__(self, services: Services, peers: PeerDirectory, ae_title: str, delay: float, threads: int = 2) -> None:
+        self.services = services
+        self.peers = peers
         self.ae_title = ae_title
+        self.delay = timedelta(seconds=delay)
+        self.pending = CommitmentStore(services.index.engine)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dimse-commitment")
         self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._scheduler = threading.Thread(target=self._schedule, name="dimse-commitment-scheduler", daemon=True)
 
-    def submit(self, peer: Peer, event_type: int, report: Dataset) -> None:
-        self.pool.submit(self._deliver, peer, event_type, report, time.monotonic() + REPORT_DEADLINE_SECONDS)
+    def start(self) -> None:
+        """Starts delivering, first what an earlier process left pending."""
+        self._scheduler.start()
+
+    def submit(self, caller: Caller, transaction: str, references: list[tuple[str, str]]) -> None:
+        """Records the request durably (before the N-ACTION is answered) and wakes the scheduler."""
+        due = datetime.now(UTC) + self.delay
+        self.pending.add(caller.ae_title, caller.partition, transaction, references, due)
+        self._wake.set()
 
     def shutdown(self) -> None:
         self._stopping.set()
+        self._wake.set()
+        if self._scheduler.is_alive():
+            self._scheduler.join()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _deliver(self, peer: Peer, event_type: int, report: Dataset, deadline: float) -> None:
+    def _schedule(self) -> None:
         while not self._stopping.is_set():
+            wait = IDLE_POLL_SECONDS
             try:
-                if self._send(peer, event_type, report):
-                    log.info("storage commitment report sent", extra={"peer": peer.ae_title, "event": event_type})
-                    return
+                now = datetime.now(UTC)
+                for pending in self.pending.claim_due(now, timedelta(seconds=DELIVERY_LEASE_SECONDS)):
+                    self.pool.submit(self._deliver, pending)
+                next_due = self.pending.next_due()
+                if next_due is not None:
+                    wait = min(wait, max((next_due - datetime.now(UTC)).total_seconds(), 0.0))
             except Exception:
-                log.warning("storage commitment report failed", extra={"peer": peer.ae_title}, exc_info=True)
-            if time.monotonic() + RETRY_SECONDS > deadline:
-                break
-            self._stopping.wait(RETRY_SECONDS)
-        log.error(
-            "storage commitment report not delivered",
-            extra={"peer": peer.ae_title, "transaction": str(report.TransactionUID)},
-        )
+                log.exception("storage commitment scheduling failed")
+                wait = RETRY_SECONDS
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _deliver(self, pending: PendingCommitment) -> None:
+        context = {"peer": pending.calling_aet, "transaction": pending.transaction_uid}
+        age = (datetime.now(UTC) - pending.created_at).total_seconds()
+        try:
+            peer = self.peers.destination(pending.calling_aet)
+            if peer is None or age > REPORT_EXPIRY_SECONDS:
+                reason = "the peer is no longer known" if peer is None else "expired"
+                log.error("storage commitment report not delivered: " + reason, extra=context)
+                self.pending.remove(pending.key)
+                return
+            partition = self.services.index.get_partition(pending.partition_name)
+            event_type, report = commitment_report(
+                self.services, partition, pending.transaction_uid, pending.references
+            )
+            if self._send(peer, event_type, report):
+                self.pending.remove(pending.key)
+                log.info("storage commitment report sent", extra={**context, "event": event_type})
+                return
+        except Exception:
+            log.warning("storage commitment report failed", extra=context, exc_info=True)
+        retry = RETRY_SECONDS if age < REPORT_DEADLINE_SECONDS else LATE_RETRY_SECONDS
+        try:
+            self.pending.reschedule(pending.key, datetime.now(UTC) + timedelta(seconds=retry))
+        except Exception:  # the lease runs out instead: it is tried again then
+            log.warning("storage commitment report not rescheduled", extra=context, exc_info=True)
+        self._wake.set()
 
     def _send(self, peer: Peer, event_type: int, report: Dataset) -> bool:
         ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SEND_TIMEOUT_SECONDS
         context = build_context(StorageCommitmentPushModel)
         role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)  # we report: the SCP role
         assoc = ae.associate(peer.host, peer.port, [context], ae_title=peer.ae_title, ext_neg=[role])

@@ -40,7 +40,6 @@ from dicomhub.dimse.commitment import (
     REQUEST_COMMITMENT,
     CommitmentReporter,
     CommitmentRequestError,
-    commitment_report,
     requested_references,
 )
 from dicomhub.dimse.find import IdentifierError, find, identifier_failure
@@ -97,7 +96,9 @@ class DimseServer:
         self.services = services
         self.settings = services.settings
         self.peers = PeerDirectory(self.settings)
-        self.reporter = CommitmentReporter(self.settings.dimse_aet)
+        self.reporter = CommitmentReporter(
+            services, self.peers, self.settings.dimse_aet, self.settings.dimse_commitment_delay
+        )
         self.ae = self._application_entity()
         self._tls = tls_context(self.settings)
         self._server = None
@@ -140,6 +141,7 @@ class DimseServer:
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=self._tls)
         # accepted sockets inherit it: a C-STORE response is one small PDU, sent at once rather than after Nagle
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reporter.start()
         log.info(
             "DIMSE listener started",
             extra={"aet": self.settings.dimse_aet, "address": f"{address[0]}:{self.port}", "tls": bool(self._tls)},
@@ -283,12 +285,14 @@ class DimseServer:
             transaction, references = requested_references(event.action_information)
         except CommitmentRequestError as exc:
             return status(PROCESSING_FAILURE, str(exc)), None
-        partition = self._partition(caller.partition)
-        event_type, report = commitment_report(self.services, partition, transaction, references)
-        self.reporter.submit(caller.peer, event_type, report)
+        try:
+            self.reporter.submit(caller, transaction, references)
+        except Exception:
+            log.exception("storage commitment request not recorded", extra={"calling_aet": caller.ae_title})
+            return status(PROCESSING_FAILURE, "The archive could not record the request."), None
         log.info(
             "storage commitment requested",
-            extra={"calling_aet": caller.ae_title, "instances": len(references), "event_type": event_type},
+            extra={"calling_aet": caller.ae_title, "instances": len(references), "transaction": transaction},
         )
         return status(SUCCESS), None
 

@@ -392,3 +392,18 @@ workitem_event = Table(
     Column("payload", Text, nullable=False),
     Index(None, "partition_key", "aet", "event_key"),
 )
+
+# DIMSE storage commitment requests whose N-EVENT-REPORT is not delivered yet (``sop_references``: JSON list of
+# [SOP class UID, SOP instance UID]); ``due_at``: the next delivery try, moved forward by whoever claims the row.
+dimse_commitment = Table(
+    "dimse_commitment",
+    metadata,
+    Column("commitment_key", Key, primary_key=True, autoincrement=True),
+    Column("calling_aet", String(16), nullable=False),
+    Column("partition_name", String(64), nullable=False),
+    Column("transaction_uid", String(64), nullable=False),
+    Column("sop_references", Text, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("due_at", UtcDateTime(), nullable=False),
+    Index(None, "due_at"),
+)
