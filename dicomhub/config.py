@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     cast_state_file: Path | None = Field(
         None, description="DICOMcast following a remote archive: its state file (default data_dir/cast-state.json)."
     )
+    cast_fhir_timeout_seconds: float = Field(
+        30.0, gt=0, description="DICOMcast: how long one FHIR request may take before it is retried."
+    )
     cast_fhir_token_url: str | None = Field(None, description="DICOMcast: OAuth2 token URL for the FHIR server.")
     cast_fhir_client_id: str | None = Field(None, description="DICOMcast: OAuth2 client id for the FHIR server.")
     cast_fhir_client_secret: str | None = Field(None, description="DICOMcast: OAuth2 secret for the FHIR server.")

@@ -103,10 +103,10 @@ ensure_oidc_provider() {
 }
 
 # ensure_fhir_server [DIR] : npm ci of the FHIR R4 server the DICOMcast tests start (default
-# tests/support/fhir: npm @medplum/fhir-router, pinned by its lock file), only when node_modules is missing.
+# tests/support/fhir: npm @medplum/fhir-router and jose, pinned by its lock file), only when they are missing.
 ensure_fhir_server() {
   local dir=${1:-tests/support/fhir}
-  [ -d "$dir/node_modules/@medplum/fhir-router" ] && return 0
+  [ -d "$dir/node_modules/@medplum/fhir-router" ] && [ -d "$dir/node_modules/jose" ] && return 0
   command -v npm >/dev/null 2>&1 || { _svc_log "npm not found: the DICOMcast tests need node and npm"; return 1; }
   _svc_log "installing the FHIR test server (npm ci in $dir)"
   (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1

@@ -20,6 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from dicomhub.cast.fhir import MAX_BACKOFF_SECONDS
 from tests.conftest import ENGINES, start_server
 from tests.factory import make_dataset, multipart, new_uid, to_bytes
 from tests.servers import Server
@@ -465,3 +466,96 @@ def test_status_needs_a_fhir_url(plain_archive: Server):
     )
     assert done.returncode == 2 and "DICOMHUB_CAST_FHIR_URL is not set" in done.stderr
     assert os.environ.get("DICOMHUB_CAST_FHIR_URL") is None
+
+
+def _gap(requests: list[dict], index: int) -> float:
+    """Seconds between ``requests[index]`` and the request after it (the cast is one thread: its retry)."""
+    return (requests[index + 1]["at"] - requests[index]["at"]) / 1000
+
+
+def test_transient_fhir_errors_are_retried(plain_archive: Server, tmp_path: Path):
+    own_fhir = FhirServer(tmp_path / "fhir.log").start()
+    process = start_cast(plain_archive, own_fhir.url, cast_fhir_timeout_seconds="1.5")
+    try:
+        warm = new_uid()
+        store(plain_archive, [make_dataset(warm)], partition=None)
+        study_with(own_fhir, warm, 1)  # the Endpoint exists: the faults below hit the Patient and ImagingStudy
+        own_fhir.inject_faults(
+            {"status": 429, "retryAfter": 1},
+            {"status": 429, "retryAfter": 3600},  # capped: never an hour's wait
+            {"status": 503},
+            {"status": 502},
+            {"method": "POST", "delayMs": 3000},  # created, but answered after the cast stopped waiting
+            {"method": "PUT", "delayMs": 3000},  # updated, likewise: the retry's If-Match is stale by then
+        )
+        start = len(own_fhir.requests())
+        study, patient_id = new_uid(), f"PID-{new_uid()[-10:]}"
+        datasets = [make_dataset(study, PatientID=patient_id, InstanceNumber=n) for n in range(1, 5)]
+        store(plain_archive, datasets[:2], partition=None)
+        study_with(own_fhir, study, 2, timeout=60)
+        store(plain_archive, datasets[2:], partition=None)  # a study the cast knows: updated with If-Match
+        imaging = study_with(own_fhir, study, 4, timeout=60)
+        assert len(studies(own_fhir, study)) == 1 and len(patients(own_fhir, patient_id)) == 1
+        requests = own_fhir.requests()[start:]
+        status = cast_status(plain_archive, own_fhir.url)
+    finally:
+        stop_cast(process)
+        own_fhir.stop()
+
+    uids = [i["uid"] for s in imaging["series"] for i in s["instance"]]
+    assert sorted(uids) == sorted(ds.SOPInstanceUID for ds in datasets)
+    assert status["lagEntries"] == 0 and status["failures"] == []
+
+    statuses = [r["status"] for r in requests]
+    assert statuses[:4] == [429, 429, 503, 502], requests[:6]
+    assert all(requests[n]["url"] == requests[0]["url"] for n in range(5)), "the same request retried"
+    assert 0.95 <= _gap(requests, 0) < 2.5  # Retry-After: 1 honoured
+    assert 5 <= _gap(requests, 1) <= MAX_BACKOFF_SECONDS + 1.5  # Retry-After: 3600 capped
+    assert 0.1 <= _gap(requests, 2) < 3 and 0.1 <= _gap(requests, 3) < 3  # 5xx: exponential back-off from 0.25 s
+
+    # a request answered too late: the cast waited its timeout, sent it again, and that changed nothing twice
+    for method in ("POST", "PUT"):
+        late = next(n for n, r in enumerate(requests) if r["method"] == method and r["status"] in (200, 201))
+        retry = requests[late + 1]
+        assert retry["method"] == method and retry["url"] == requests[late]["url"]
+        assert 1.4 <= _gap(requests, late) < 3
+        assert retry["status"] == (200 if method == "POST" else 412)  # the If-None-Exist match / the stale If-Match
+
+
+def test_oauth2_client_credentials_towards_fhir(plain_archive: Server, tmp_path: Path):
+    provider = shared_provider()
+    own_fhir = FhirServer(
+        tmp_path / "fhir.log", oidc=(provider.url, provider.audience), token=lambda: provider.cached_token("admin")
+    ).start()
+    try:
+        refused = httpx.get(f"{own_fhir.url}/Patient", timeout=10)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["issue"][0]["diagnostics"] == "a bearer token is required"
+        # the "shortlived" client's tokens live one second: the cast must fetch new ones as it goes
+        process = start_cast(
+            plain_archive,
+            own_fhir.url,
+            cast_fhir_token_url=f"{provider.url}/token",
+            cast_fhir_client_id="shortlived",
+            cast_fhir_client_secret="shortlived",
+        )
+        try:
+            first, second = new_uid(), new_uid()
+            store(plain_archive, [make_dataset(first)], partition=None)
+            study_with(own_fhir, first, 1)
+            time.sleep(2)  # the token it used has expired
+            store(plain_archive, [make_dataset(second)], partition=None)
+            study_with(own_fhir, second, 1)
+            requests = own_fhir.requests()
+        finally:
+            stop_cast(process)
+    finally:
+        own_fhir.stop()
+
+    cast = [r for r in requests if r["url"] != "metadata" and r["url"] != "Patient"]
+    assert cast and all(r["status"] in (200, 201, 401) for r in cast), cast
+    assert len({r["jti"] for r in cast if r["status"] != 401}) >= 2  # a new token after the first expired
+    for n, request in enumerate(cast):
+        if request["status"] == 401:  # expired on the way: a new token, and the same request again
+            retry = cast[n + 1]
+            assert retry["url"] == request["url"] and retry["status"] in (200, 201)

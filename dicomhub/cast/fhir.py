@@ -24,7 +24,12 @@ FHIR_JSON = "application/fhir+json"
 
 
 class TransientError(Exception):
-    """The server could not be reached or asked us to come back later: try the same entry again."""
+    """The server could not be reached or asked us to come back later: try the same entry again, not before
+    ``wait`` seconds (its ``Retry-After``, capped)."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class FhirError(Exception):
@@ -65,7 +70,9 @@ class ClientCredentials:
                     raise FhirError(response.status_code, f"token refused by {self.token_url}: {response.text[:200]}")
                 body = response.json()
                 self._token = body["access_token"]
-                self._expires = time.monotonic() + max(float(body.get("expires_in", 300)) - 60, 10)
+                lifetime = float(body.get("expires_in", 300))
+                # renewed a little before it expires: a minute early, or a fifth of its life when that is shorter
+                self._expires = time.monotonic() + lifetime - min(60.0, lifetime / 5)
             return f"Bearer {self._token}"
 
 
@@ -143,7 +150,7 @@ class RetryingClient:
                 wait = _retry_after(response) or delay
             wait = min(wait, MAX_BACKOFF_SECONDS)
             if time.monotonic() + wait > deadline:
-                raise TransientError(problem)
+                raise TransientError(problem, wait)
             log.warning("retrying after a transient failure", extra={"problem": problem, "wait": round(wait, 2)})
             time.sleep(wait)
             delay = min(delay * 2, MAX_BACKOFF_SECONDS)
@@ -156,8 +163,14 @@ def version_of(resource: dict) -> str | None:
 class FhirClient:
     """The FHIR REST interactions DICOMcast needs; resources are plain dicts."""
 
-    def __init__(self, base_url: str, auth: ClientCredentials | None = None, retry_seconds: float = 30.0) -> None:
-        self.client = RetryingClient(base_url, auth, retry_seconds)
+    def __init__(
+        self,
+        base_url: str,
+        auth: ClientCredentials | None = None,
+        retry_seconds: float = 30.0,
+        timeout: float = 30.0,
+    ) -> None:
+        self.client = RetryingClient(base_url, auth, retry_seconds, timeout)
 
     def close(self) -> None:
         self.client.close()

@@ -84,7 +84,7 @@ class CastRunner:
                     self._report()
                 except TransientError as exc:
                     log.warning("DICOMcast waits for a transient failure", extra={"problem": str(exc)})
-                    stop.wait(backoff)
+                    stop.wait(max(backoff, exc.wait))
                     backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                     continue
                 except Exception:
@@ -186,7 +186,7 @@ def build_runner(settings: Settings, dicomweb_url: str | None = None, services: 
         settings.cast_fhir_scope,
     )
     writer = FhirWriter(
-        FhirClient(settings.cast_fhir_url, fhir_auth, retry_seconds),
+        FhirClient(settings.cast_fhir_url, fhir_auth, retry_seconds, settings.cast_fhir_timeout_seconds),
         settings.cast_patient_system,
         settings.cast_use_issuer,
         settings.cast_observations,

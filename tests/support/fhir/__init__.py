@@ -3,9 +3,11 @@ process the tests start, stop and start again on the same port (its data lives i
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,17 +26,34 @@ def _node_command() -> list[str]:
     return [node, "--experimental-websocket"] if major < 22 else [node]
 
 
+OBSERVER = {"X-Test-Observer": "1"}  # the tests' own reads: never given a fault, never in the request log
+
+
 class FhirServer:
-    def __init__(self, log_path: Path) -> None:
+    """``oidc`` (issuer, audience) makes the server require bearer tokens; ``token`` then gives the tests' own."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        oidc: tuple[str, str] | None = None,
+        token: Callable[[], str] | None = None,
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/fhir/R4"
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.root}/fhir/R4"
         self.log_path = log_path
+        self.oidc = oidc
+        self.token = token
         self.process: subprocess.Popen | None = None
 
     def start(self) -> FhirServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
-            [*_node_command(), str(HERE / "server.mjs"), str(self.port)], cwd=HERE, stdout=log, stderr=subprocess.STDOUT
+            [*_node_command(), str(HERE / "server.mjs"), str(self.port)],
+            cwd=HERE,
+            env={**os.environ, **self._oidc_env()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -48,6 +67,21 @@ class FhirServer:
             time.sleep(0.1)
         raise RuntimeError("FHIR server did not start")
 
+    def _oidc_env(self) -> dict[str, str]:
+        return {"FHIR_OIDC_ISSUER": self.oidc[0], "FHIR_OIDC_AUDIENCE": self.oidc[1]} if self.oidc else {}
+
+    def _headers(self) -> dict[str, str]:
+        return {**OBSERVER, "Authorization": f"Bearer {self.token()}"} if self.token else OBSERVER
+
+    def inject_faults(self, *faults: dict) -> None:
+        """Queues faults for the next FHIR requests (server.mjs: ``status``/``retryAfter``, or ``delayMs``; each
+        optionally for one ``method`` only)."""
+        httpx.post(f"{self.root}/admin/faults", json=list(faults), timeout=10).raise_for_status()
+
+    def requests(self) -> list[dict]:
+        """Every FHIR request so far (the tests' own reads excepted): method, url, status, ``at`` (ms), jti."""
+        return httpx.get(f"{self.root}/admin/requests", timeout=10).raise_for_status().json()
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -58,9 +92,12 @@ class FhirServer:
                 self.process.wait()
 
     def search(self, resource_type: str, **params: str) -> list[dict]:
-        response = httpx.get(f"{self.url}/{resource_type}", params={"_count": "1000", **params}, timeout=30)
+        response = httpx.get(
+            f"{self.url}/{resource_type}", params={"_count": "1000", **params}, headers=self._headers(), timeout=30
+        )
+
         response.raise_for_status()
         return [e["resource"] for e in response.json().get("entry", [])]
 
     def read(self, resource_type: str, id: str) -> httpx.Response:
-        return httpx.get(f"{self.url}/{resource_type}/{id}", timeout=30)
+        return httpx.get(f"{self.url}/{resource_type}/{id}", headers=self._headers(), timeout=30)
