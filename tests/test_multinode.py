@@ -1,33 +1,41 @@
 """The multi-node proof: two `dicomhub serve` and two `dicomhub worker` processes on one PostgreSQL index and one S3
 store (SeaweedFS), as deploy/ runs them in containers. Concurrent overlapping STOW through both APIs, every instance
-through either, no duplicates, a complete ordered change feed, and an export that finishes on the surviving worker
-after the other is killed with SIGKILL."""
+through either, no duplicates, a complete ordered change feed, and an export and a re-index that finish on the
+surviving worker after the other is killed with SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import obstore
 import pytest
+import sqlalchemy as sa
 
 from dicomhub.blobs.object_store import s3_store
 from tests.factory import make_instance, multipart, new_uid
 from tests.servers import Server, database_url
 from tests.support.object_stores import seaweedfs
 from tests.test_bulk_update import wait
+from tests.test_extended_tags import REINDEX_TAGS, add, check_reindexed, engine_of, store_many, wait_for_line
 
 ACCEPT_JSON = {"Accept": "application/dicom+json"}
+REINDEX_BATCH = 20  # instances per re-index task
 
 
 class Worker:
     def __init__(self, env: dict[str, str], log_path) -> None:
+        self.env = env
+        self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dicomhub", "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT
@@ -44,7 +52,12 @@ class Worker:
 def cluster(tmp_path_factory):
     db = database_url("postgres")
     blob_url = f"s3://dicom/cluster-{uuid.uuid4().hex[:8]}"
-    common = {"run_operations": "false", "blob_url": blob_url, "operation_lease_seconds": "3"}
+    common = {
+        "run_operations": "false",
+        "blob_url": blob_url,
+        "operation_lease_seconds": "3",
+        "reindex_batch_size": str(REINDEX_BATCH),
+    }
     servers = []
     for n in range(2):
         srv = Server(tmp_path_factory.mktemp(f"node{n}"), db, **common)
@@ -121,3 +134,97 @@ def test_two_apis_and_two_workers_share_one_index_and_store(cluster):
     names = [m["path"] for page in obstore.list(bucket) for m in page]
     assert len([n for n in names if n.startswith(f"{op}/results/")]) == 120
     assert os.path.basename(done["results"]["errorHref"]) == "errors.log"
+
+
+def _replace_dead_workers(workers: list[Worker]) -> None:
+    """Starts a new worker in place of each dead one (an earlier test killed it) and waits until it polls."""
+    for n, worker in enumerate(workers):
+        if worker.process.poll() is not None:
+            log_path = worker.log_path.with_name(f"{worker.log_path.stem}-{time.monotonic_ns()}.log")
+            workers[n] = Worker(worker.env, log_path)
+            wait_for_line(log_path, "operation worker started", timeout=60)
+
+
+@contextlib.contextmanager
+def _reindex_reads_held(srv: Server) -> Iterator[None]:
+    """An EXCLUSIVE lock on the instance table while the block runs (plain reads pass, row locks wait): a re-index
+    task stops at its first read of instances, which locks them, and waits there holding its lease, so the test knows
+    which worker holds which task when it kills one."""
+    engine = engine_of(srv)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("LOCK TABLE instance IN EXCLUSIVE MODE"))
+            yield
+    finally:
+        engine.dispose()
+
+
+def _tasks(srv: Server, operation_id: str) -> dict[int, sa.Row]:
+    engine = engine_of(srv)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT number, status, attempts, result, lease_owner FROM operation_task WHERE operation_id = :id"
+                ),
+                {"id": operation_id},
+            ).all()
+    finally:
+        engine.dispose()
+    return {row.number: row for row in rows}
+
+
+def _instance_count(srv: Server) -> int:
+    """All instances of the index: the earlier test's as well as this one's."""
+    engine = engine_of(srv)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM instance")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _holders(srv: Server, operation_id: str) -> dict[int, int]:
+    """Unfinished tasks under a lease: task number -> the pid of the worker holding it (owners are host:pid:nonce)."""
+    return {
+        number: int(row.lease_owner.split(":")[1])
+        for number, row in _tasks(srv, operation_id).items()
+        if row.status == 0 and row.lease_owner
+    }
+
+
+def test_a_reindex_finishes_on_the_other_worker_after_a_kill(cluster):
+    """An extended query tag is added; each worker claims a re-index task, one is SIGKILLed holding it, and the other
+    does every task, the dead one's after its lease: each instance indexed once, found through either API."""
+    servers, workers, _ = cluster
+    _replace_dead_workers(workers)
+    victim, survivor = workers
+    count = 300
+    with (
+        httpx.Client(base_url=servers[0].url, timeout=60) as first,
+        httpx.Client(base_url=servers[1].url, timeout=60) as second,
+    ):
+        studies = store_many(second, count)
+        with _reindex_reads_held(servers[0]):
+            operation_id = add(first, REINDEX_TAGS).rsplit("/", 1)[1]
+            deadline = time.monotonic() + 30
+            while set((holders := _holders(servers[0], operation_id)).values()) != {
+                victim.process.pid,
+                survivor.process.pid,
+            }:
+                assert time.monotonic() < deadline, f"both workers never held a task at once: {holders}"
+                time.sleep(0.05)
+            victim.kill()
+            assert _holders(servers[0], operation_id) == holders  # it died holding its task, nothing of it written
+        done = wait(first, operation_id, timeout=120)
+        assert done["status"] == "succeeded" and done["percentComplete"] == 100, done
+        for srv, http in ((servers[0], first), (servers[1], second)):
+            check_reindexed(srv, http, count, studies)
+            assert http.get("/v2/extendedquerytags/DeviceSerialNumber").json()["status"] == "ready"
+    tasks = _tasks(servers[0], operation_id)
+    assert all(row.status == 1 for row in tasks.values())
+    results = {number: json.loads(row.result) for number, row in tasks.items()}
+    assert sum(result["instances"] for result in results.values()) == _instance_count(servers[0])  # each read once
+    taken_over = next(number for number, pid in holders.items() if pid == victim.process.pid)
+    assert tasks[taken_over].attempts == 2 and results[taken_over]["worker"].endswith(f":{survivor.process.pid}")
+    assert all(row.attempts == 1 for number, row in tasks.items() if number != taken_over)
