@@ -18,10 +18,8 @@ The first server alternates between phases. Throughput is images/s over the wall
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,7 +36,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 ROOT = Path(__file__).resolve().parent.parent
-ORTHANC = "/usr/sbin/Orthanc"
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import free_port  # noqa: E402
+from tests.support.orthanc import ORTHANC, Orthanc  # noqa: E402
+from tests.support.processes import start_process, stop_process  # noqa: E402
+
 CALLING_AET = "BENCH"
 IMAGES_PER_SERIES = 100
 # DCMTK (storescu, and Orthanc's DICOM side) leaves Nagle's algorithm on unless told: every small response PDU
@@ -46,21 +49,9 @@ IMAGES_PER_SERIES = 100
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def free_port() -> int:
+def listening(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("server did not listen")
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass
@@ -71,52 +62,32 @@ class Target:
     process: subprocess.Popen
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
 
 def start_dicomhub(home: Path) -> Target:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMHUB_")}
     env.update(DICOMHUB_DATA_DIR=str(home / "data"), DICOMHUB_DIMSE_PORT=str(port), DICOMHUB_LOG_LEVEL="warning")
-    log = home / "dicomhub.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomhub", "dimse"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    wait_for_port(port, process, log)
+    command = [sys.executable, "-m", "dicomhub", "dimse"]
+    process = start_process(command, home / "dicomhub.log", "dicomhub dimse", lambda: listening(port), env=env)
     return Target("dicomhub", "DICOMHUB", port, process)
 
 
 def start_orthanc(home: Path) -> Target:
     port = free_port()
-    config = {
-        "Name": "bench-dimse",
-        "StorageDirectory": str(home / "orthanc"),
-        "IndexDirectory": str(home / "orthanc"),
-        "TemporaryDirectory": str(home / "orthanc-tmp"),
-        "Plugins": [],
-        "HttpPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": "ORTHANC",
-        "DicomPort": port,
-        "DicomCheckModalityHost": True,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {"bench": [CALLING_AET, "127.0.0.1", 1]},
-        "SaveJobs": False,
-    }
-    (home / "orthanc.json").write_text(json.dumps(config))
-    log = home / "orthanc.log"
-    process = subprocess.Popen(
-        [ORTHANC, str(home / "orthanc.json")], env=DCMTK_ENV, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    wait_for_port(port, process, log)
-    return Target("orthanc", "ORTHANC", port, process)
+    orthanc = Orthanc(
+        home / "orthanc",
+        "bench-dimse",
+        DicomServerEnabled=True,
+        DicomAet="ORTHANC",
+        DicomPort=port,
+        DicomCheckModalityHost=True,
+        DicomCheckCalledAet=False,
+        DicomModalities={"bench": [CALLING_AET, "127.0.0.1", 1]},
+        SaveJobs=False,
+    ).start(ready=lambda: listening(port), env=DCMTK_ENV)
+    return Target("orthanc", "ORTHANC", port, orthanc.process)
 
 
 def orthanc_version() -> str:

@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psycopg
+
+from tests.support.processes import answers, start_process
 
 POSTGRES_ENV = "DICOMHUB_TEST_POSTGRES_URL"
 
@@ -90,24 +90,15 @@ class Server:
 
     def start(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [sys.executable, "-m", "dicomhub", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.log_path,
+            "server",
+            lambda: answers(f"{self.url}/health/check"),
+            seconds=180,  # a loaded CI machine may take long
             env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 180  # a loaded CI machine may take long
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health/check", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
+        return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process and self.process.poll() is None:

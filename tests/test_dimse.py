@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import shutil
 import socket
 import ssl
 import struct
@@ -35,6 +34,7 @@ from pynetdicom.sop_class import (
 
 from tests.factory import make_dataset, multipart, new_uid, to_bytes
 from tests.servers import Server, database_url, free_port
+from tests.support.orthanc import ORTHANC, running_orthanc
 
 ENGINES = ["sqlite", "postgres"]
 DEFAULT = "Microsoft.Default"
@@ -565,121 +565,58 @@ def test_partitions_isolated_by_calling_ae_title(hub: Hub, tmp_path: Path):
 
 
 # -- storage commitment ----------------------------------------------------------------------------------------
-class CommitmentListener:
-    """The requesting modality's side: a pynetdicom SCP receiving N-EVENT-REPORTs on ``port``."""
+def test_storage_commitment_of_stored_and_unknown_instances(hub: Hub):
+    stored = make_dataset()
+    hub.stow([stored])
+    reports: list[tuple[int, Dataset]] = []
+    arrived = threading.Event()
 
-    def __init__(self, port: int) -> None:
-        self.reports: list[tuple[int, Dataset]] = []
-        self.arrived = threading.Event()
-        ae = AE(ae_title="COMMITTER")
-        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-        handlers = [(evt.EVT_N_EVENT_REPORT, self._on_report)]
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-
-    def _on_report(self, event) -> int:
-        self.reports.append((event.event_type, event.event_information))
-        self.arrived.set()
+    def on_report(event):
+        reports.append((event.event_type, event.event_information))
+        arrived.set()
         return 0x0000
 
+    listener = AE(ae_title="COMMITTER")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(
+        ("127.0.0.1", hub.commit_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+    )
+    try:
+        for references, expected_type in (([stored], 1), ([stored, make_dataset()], 2)):
+            arrived.clear()
+            request = Dataset()
+            request.TransactionUID = new_uid()
+            request.ReferencedSOPSequence = []
+            for ds in references:
+                item = Dataset()
+                item.ReferencedSOPClassUID = ds.SOPClassUID
+                item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+                request.ReferencedSOPSequence.append(item)
+            assoc = hub.associate("COMMITTER", [build_context(StorageCommitmentPushModel)])
+            try:
+                answer, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+            finally:
+                assoc.release()
+            assert answer.Status == 0x0000
+            assert arrived.wait(30), "no N-EVENT-REPORT within 30 s"
+            event_type, report = reports[-1]
+            assert event_type == expected_type
+            assert report.TransactionUID == request.TransactionUID
+            assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [stored.SOPInstanceUID]
+            failed = report.get("FailedSOPSequence", [])
+            assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in failed] == [
+                (ds.SOPInstanceUID, 0x0112) for ds in references[1:]
+            ]
+    finally:
+        server.shutdown()
 
-def request_commitment(assoc, references: list[Dataset]) -> tuple[Dataset, Dataset]:
-    """(the N-ACTION's answer, its request) asking to commit ``references``."""
-    request = Dataset()
-    request.TransactionUID = new_uid()
-    request.ReferencedSOPSequence = []
-    for ds in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID = ds.SOPClassUID
-        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        request.ReferencedSOPSequence.append(item)
+    # a caller without commitment rights is refused
+    assoc = hub.associate("ECHOONLY", [build_context(StorageCommitmentPushModel)])
     try:
         answer, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
     finally:
         assoc.release()
-    return answer, request
-
-
-def assert_report(report: Dataset, request: Dataset, committed: list[Dataset], unknown: list[Dataset]) -> None:
-    assert report.TransactionUID == request.TransactionUID
-    assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [d.SOPInstanceUID for d in committed]
-    failed = report.get("FailedSOPSequence", [])
-    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in failed] == [
-        (d.SOPInstanceUID, 0x0112) for d in unknown
-    ]
-
-
-def test_storage_commitment_of_stored_and_unknown_instances(hub: Hub):
-    stored = make_dataset()
-    hub.stow([stored])
-    listener = CommitmentListener(hub.commit_port)
-    try:
-        for references, expected_type in (([stored], 1), ([stored, make_dataset()], 2)):
-            listener.arrived.clear()
-            answer, request = request_commitment(
-                hub.associate("COMMITTER", [build_context(StorageCommitmentPushModel)]), references
-            )
-            assert answer.Status == 0x0000
-            assert listener.arrived.wait(30), "no N-EVENT-REPORT within 30 s"
-            event_type, report = listener.reports[-1]
-            assert event_type == expected_type
-            assert_report(report, request, [stored], references[1:])
-    finally:
-        listener.server.shutdown()
-
-    # a caller without commitment rights is refused
-    answer, _ = request_commitment(hub.associate("ECHOONLY", [build_context(StorageCommitmentPushModel)]), [stored])
     assert answer.Status == 0x0124
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_commitment_report_delivered_after_the_listener_is_killed(engine: str, tmp_path: Path):
-    """A request answered, then ``dicomhub dimse`` killed -9 before its report is due: the restarted listener
-    sends the report, made from the index then (the stored instance committed, the unknown one failed)."""
-    port, commit_port = free_port(), free_port()
-    peers = tmp_path / "peers.json"
-    peers.write_text(json.dumps({"COMMITTER": {"host": "127.0.0.1", "port": commit_port}}))
-    settings = {"dimse_port": str(port), "dimse_peers": str(peers), "dimse_commitment_delay": "4"}
-    env = Server(tmp_path / "data", database_url(engine), **settings).env()
-
-    def start_listener() -> subprocess.Popen:
-        log = open(tmp_path / "dimse.log", "ab")  # noqa: SIM115 - owned by the child process
-        process = subprocess.Popen([sys.executable, "-m", "dicomhub", "dimse"], env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            echo = AE(ae_title="COMMITTER").associate("127.0.0.1", port, [build_context(Verification)])
-            if echo.is_established:
-                echo.release()
-                return process
-            time.sleep(0.2)
-        process.kill()
-        raise RuntimeError(f"dicomhub dimse did not start: {(tmp_path / 'dimse.log').read_text()[-3000:]}")
-
-    def associate():
-        ae = AE(ae_title="COMMITTER")
-        contexts = [build_context(StorageCommitmentPushModel), build_context(SecondaryCaptureImageStorage)]
-        return ae.associate("127.0.0.1", port, contexts, ae_title="DICOMHUB")
-
-    stored, unknown = make_dataset(), make_dataset()
-    listener = CommitmentListener(commit_port)
-    process = start_listener()
-    try:
-        assoc = associate()
-        assert assoc.send_c_store(stored).Status == 0x0000
-        answer, request = request_commitment(assoc, [stored, unknown])
-        assert answer.Status == 0x0000
-        process.kill()  # SIGKILL: nothing of the process's memory survives
-        process.wait(30)
-        assert not listener.reports
-        process = start_listener()
-        assert listener.arrived.wait(30), "no N-EVENT-REPORT after the restart"
-        time.sleep(1)  # a second report would come at once
-        [(event_type, report)] = listener.reports
-        assert event_type == 2
-        assert_report(report, request, [stored], [unknown])
-    finally:
-        listener.server.shutdown()
-        process.kill()
-        process.wait(30)
 
 
 # -- robustness ------------------------------------------------------------------------------------------------
@@ -716,56 +653,25 @@ def test_garbage_truncated_pdu_and_silent_association_cost_one_association(hub: 
 
 
 # -- Orthanc as a real peer ------------------------------------------------------------------------------------
-ORTHANC = Path("/usr/sbin/Orthanc")
-
-
 @pytest.fixture
 def orthanc(hub: Hub, tmp_path: Path) -> Iterator[httpx.Client]:
     if not ORTHANC.exists():
         pytest.fail("Orthanc is required (scripts/test.sh installs orthanc)")
-    http_port = free_port()
-    config = {
-        "Name": "dimse-peer",
-        "StorageDirectory": str(tmp_path / "storage"),
-        "IndexDirectory": str(tmp_path / "storage"),
-        "TemporaryDirectory": str(tmp_path / "tmp"),
-        "Plugins": [],
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": "ORTHANC",
-        "DicomPort": hub.orthanc_port,
-        "DicomCheckModalityHost": True,
-        "DicomAlwaysAllowEcho": False,
-        "DicomAlwaysAllowStore": False,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {"dicomhub": ["DICOMHUB", "127.0.0.1", hub.port]},
-        "OverwriteInstances": False,
-        "SaveJobs": False,
-    }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    log = open(tmp_path / "orthanc.log", "wb")  # noqa: SIM115 - owned by the child process
-    process = subprocess.Popen([str(ORTHANC), str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60)
-    try:
-        for _ in range(200):
-            try:
-                if client.get("/system").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"Orthanc did not start: {(tmp_path / 'orthanc.log').read_text()[-2000:]}")
+    with running_orthanc(
+        tmp_path,
+        "dimse-peer",
+        DicomServerEnabled=True,
+        DicomAet="ORTHANC",
+        DicomPort=hub.orthanc_port,
+        DicomCheckModalityHost=True,
+        DicomAlwaysAllowEcho=False,
+        DicomAlwaysAllowStore=False,
+        DicomCheckCalledAet=False,
+        DicomModalities={"dicomhub": ["DICOMHUB", "127.0.0.1", hub.port]},
+        OverwriteInstances=False,
+        SaveJobs=False,
+    ) as client:
         yield client
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(tmp_path / "storage", ignore_errors=True)
 
 
 def test_orthanc_stores_into_dicomhub_finds_and_moves_a_study_out(hub: Hub, orthanc: httpx.Client):

@@ -5,23 +5,16 @@ retrieves with ``transfer-syntax=*``."""
 from __future__ import annotations
 
 import io
-import json
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
 
 from tests.factory import make_dataset, make_rgb_sample, to_bytes
-from tests.servers import Server, free_port
+from tests.servers import Server
 from tests.support.oidc.provider import admin_header_for
-
-ORTHANC = Path("/usr/sbin/Orthanc")
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from tests.support.orthanc import DICOMWEB_PLUGIN, ORTHANC, running_orthanc
 
 
 def _token_headers(url: str) -> dict[str, dict[str, str]]:
@@ -32,49 +25,21 @@ def _token_headers(url: str) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def orthanc(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    if not ORTHANC.exists() or not PLUGIN.exists():
+    if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
         pytest.fail("Orthanc with its DICOMweb plugin is required (scripts/test.sh installs orthanc, orthanc-dicomweb)")
-    home = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "peer",
-        "StorageDirectory": str(home / "storage"),
-        "IndexDirectory": str(home / "storage"),
-        "TemporaryDirectory": str(home / "tmp"),
-        "Plugins": [str(PLUGIN)],
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
-        "HttpCompressionEnabled": False,
-        "DicomWeb": {
+    with running_orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        "peer",
+        Plugins=[str(DICOMWEB_PLUGIN)],
+        DicomServerEnabled=False,
+        HttpCompressionEnabled=False,
+        DicomWeb={
             "Enable": True,
             "Root": "/dicom-web/",
             "Servers": {"dicomhub": {"Url": f"{server.url}/v2/", **_token_headers(server.url)}},
         },
-    }
-    (home / "orthanc.json").write_text(json.dumps(config))
-    log = open(home / "orthanc.log", "wb")  # noqa: SIM115 - owned by the child process
-    process = subprocess.Popen([str(ORTHANC), str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        for _ in range(200):
-            try:
-                if client.get("/system").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"Orthanc did not start: {(home / 'orthanc.log').read_text()[-2000:]}")
+    ) as client:
         yield client
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(home / "storage", ignore_errors=True)
 
 
 def _upload(orthanc: httpx.Client, data: bytes) -> str:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.servers import free_port
+from tests.support.processes import start_process, stop_process
 
 ACCESS_KEY = "dicomhubtest"
 SECRET_KEY = "dicomhubsecret123"
@@ -58,17 +57,10 @@ class SeaweedFS:
         args += [f"-{flag}={port}" for flag, port in self.ports.items()]
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={','.join(BUCKETS)}"]
         env = {**os.environ, **self.env()}
-        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed mini exited: {(self.data_dir / 'weed.log').read_text()[-3000:]}")
-            if self._buckets_ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("SeaweedFS did not become ready")
+        self.process = start_process(
+            args, self.data_dir / "weed.log", "weed mini", self._buckets_ready, interval=0.2, env=env, cwd=self.data_dir
+        )
+        return self
 
     def _buckets_ready(self) -> bool:
         """True once the S3 port answers for every bucket (an anonymous request is refused, not refused to connect)."""
@@ -82,10 +74,4 @@ class SeaweedFS:
         return True
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)

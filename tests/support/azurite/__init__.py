@@ -6,14 +6,11 @@ flush otherwise keeps the process alive for up to a minute after SIGTERM).
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
 from tests.servers import free_port
+from tests.support.processes import answers, start_process, stop_process
 
 HERE = Path(__file__).parent
 ACCOUNT = "devstoreaccount1"
@@ -47,20 +44,14 @@ class Azurite:
             str(HERE / "node_modules" / ".bin" / "azurite-blob"), "--blobHost", "127.0.0.1", "--blobPort",
             str(self.port), "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
         ]  # fmt: skip
-        log = open(self.data_dir / "azurite.log", "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"azurite exited: {(self.data_dir / 'azurite.log').read_text()[-3000:]}")
-            try:
-                httpx.get(f"{self.endpoint}?comp=list", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            self.stop()
-            raise RuntimeError("Azurite did not become ready")
+        self.process = start_process(
+            args,
+            self.data_dir / "azurite.log",
+            "Azurite",
+            lambda: answers(f"{self.endpoint}?comp=list", status=None),
+            interval=0.2,
+            cwd=self.data_dir,
+        )
         for name in CONTAINERS:
             self.service().create_container(name)
         return self
@@ -72,10 +63,4 @@ class Azurite:
         return BlobServiceClient.from_connection_string(self.connection_string)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)

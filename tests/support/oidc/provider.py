@@ -20,6 +20,7 @@ import httpx
 import requests
 
 from tests.servers import free_port
+from tests.support.processes import answers, start_process, stop_process
 
 HERE = Path(__file__).parent
 AUDIENCE = "api://dicomhub"
@@ -41,34 +42,18 @@ class OidcProvider:
         node = shutil.which("node")
         if node is None or not (HERE / "node_modules" / "oidc-provider").is_dir():
             raise RuntimeError(f"node and {HERE}/node_modules are needed: run `npm ci` there (scripts/test.sh does)")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [node, str(HERE / "server.mjs"), str(self.port)],
+            self.log_path,
+            "oidc provider",
+            lambda: answers(f"{self.url}/.well-known/openid-configuration"),
             cwd=HERE,
             env={**os.environ, "OIDC_AUDIENCE": self.audience},
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"oidc provider exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/.well-known/openid-configuration", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("oidc provider did not start")
+        return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def server_settings(self, **overrides: str) -> dict[str, str]:
         """dicomhub settings that trust this provider."""
