@@ -565,58 +565,121 @@ def test_partitions_isolated_by_calling_ae_title(hub: Hub, tmp_path: Path):
 
 
 # -- storage commitment ----------------------------------------------------------------------------------------
-def test_storage_commitment_of_stored_and_unknown_instances(hub: Hub):
-    stored = make_dataset()
-    hub.stow([stored])
-    reports: list[tuple[int, Dataset]] = []
-    arrived = threading.Event()
+class CommitmentListener:
+    """The requesting modality's side: a pynetdicom SCP receiving N-EVENT-REPORTs on ``port``."""
 
-    def on_report(event):
-        reports.append((event.event_type, event.event_information))
-        arrived.set()
+    def __init__(self, port: int) -> None:
+        self.reports: list[tuple[int, Dataset]] = []
+        self.arrived = threading.Event()
+        ae = AE(ae_title="COMMITTER")
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        handlers = [(evt.EVT_N_EVENT_REPORT, self._on_report)]
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+    def _on_report(self, event) -> int:
+        self.reports.append((event.event_type, event.event_information))
+        self.arrived.set()
         return 0x0000
 
-    listener = AE(ae_title="COMMITTER")
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    server = listener.start_server(
-        ("127.0.0.1", hub.commit_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
-    )
-    try:
-        for references, expected_type in (([stored], 1), ([stored, make_dataset()], 2)):
-            arrived.clear()
-            request = Dataset()
-            request.TransactionUID = new_uid()
-            request.ReferencedSOPSequence = []
-            for ds in references:
-                item = Dataset()
-                item.ReferencedSOPClassUID = ds.SOPClassUID
-                item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-                request.ReferencedSOPSequence.append(item)
-            assoc = hub.associate("COMMITTER", [build_context(StorageCommitmentPushModel)])
-            try:
-                answer, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
-            finally:
-                assoc.release()
-            assert answer.Status == 0x0000
-            assert arrived.wait(30), "no N-EVENT-REPORT within 30 s"
-            event_type, report = reports[-1]
-            assert event_type == expected_type
-            assert report.TransactionUID == request.TransactionUID
-            assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [stored.SOPInstanceUID]
-            failed = report.get("FailedSOPSequence", [])
-            assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in failed] == [
-                (ds.SOPInstanceUID, 0x0112) for ds in references[1:]
-            ]
-    finally:
-        server.shutdown()
 
-    # a caller without commitment rights is refused
-    assoc = hub.associate("ECHOONLY", [build_context(StorageCommitmentPushModel)])
+def request_commitment(assoc, references: list[Dataset]) -> tuple[Dataset, Dataset]:
+    """(the N-ACTION's answer, its request) asking to commit ``references``."""
+    request = Dataset()
+    request.TransactionUID = new_uid()
+    request.ReferencedSOPSequence = []
+    for ds in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        request.ReferencedSOPSequence.append(item)
     try:
         answer, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
     finally:
         assoc.release()
+    return answer, request
+
+
+def assert_report(report: Dataset, request: Dataset, committed: list[Dataset], unknown: list[Dataset]) -> None:
+    assert report.TransactionUID == request.TransactionUID
+    assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [d.SOPInstanceUID for d in committed]
+    failed = report.get("FailedSOPSequence", [])
+    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in failed] == [
+        (d.SOPInstanceUID, 0x0112) for d in unknown
+    ]
+
+
+def test_storage_commitment_of_stored_and_unknown_instances(hub: Hub):
+    stored = make_dataset()
+    hub.stow([stored])
+    listener = CommitmentListener(hub.commit_port)
+    try:
+        for references, expected_type in (([stored], 1), ([stored, make_dataset()], 2)):
+            listener.arrived.clear()
+            answer, request = request_commitment(
+                hub.associate("COMMITTER", [build_context(StorageCommitmentPushModel)]), references
+            )
+            assert answer.Status == 0x0000
+            assert listener.arrived.wait(30), "no N-EVENT-REPORT within 30 s"
+            event_type, report = listener.reports[-1]
+            assert event_type == expected_type
+            assert_report(report, request, [stored], references[1:])
+    finally:
+        listener.server.shutdown()
+
+    # a caller without commitment rights is refused
+    answer, _ = request_commitment(hub.associate("ECHOONLY", [build_context(StorageCommitmentPushModel)]), [stored])
     assert answer.Status == 0x0124
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_commitment_report_delivered_after_the_listener_is_killed(engine: str, tmp_path: Path):
+    """A request answered, then ``dicomhub dimse`` killed -9 before its report is due: the restarted listener
+    sends the report, made from the index then (the stored instance committed, the unknown one failed)."""
+    port, commit_port = free_port(), free_port()
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({"COMMITTER": {"host": "127.0.0.1", "port": commit_port}}))
+    settings = {"dimse_port": str(port), "dimse_peers": str(peers), "dimse_commitment_delay": "4"}
+    env = Server(tmp_path / "data", database_url(engine), **settings).env()
+
+    def start_listener() -> subprocess.Popen:
+        log = open(tmp_path / "dimse.log", "ab")  # noqa: SIM115 - owned by the child process
+        process = subprocess.Popen([sys.executable, "-m", "dicomhub", "dimse"], env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            echo = AE(ae_title="COMMITTER").associate("127.0.0.1", port, [build_context(Verification)])
+            if echo.is_established:
+                echo.release()
+                return process
+            time.sleep(0.2)
+        process.kill()
+        raise RuntimeError(f"dicomhub dimse did not start: {(tmp_path / 'dimse.log').read_text()[-3000:]}")
+
+    def associate():
+        ae = AE(ae_title="COMMITTER")
+        contexts = [build_context(StorageCommitmentPushModel), build_context(SecondaryCaptureImageStorage)]
+        return ae.associate("127.0.0.1", port, contexts, ae_title="DICOMHUB")
+
+    stored, unknown = make_dataset(), make_dataset()
+    listener = CommitmentListener(commit_port)
+    process = start_listener()
+    try:
+        assoc = associate()
+        assert assoc.send_c_store(stored).Status == 0x0000
+        answer, request = request_commitment(assoc, [stored, unknown])
+        assert answer.Status == 0x0000
+        process.kill()  # SIGKILL: nothing of the process's memory survives
+        process.wait(30)
+        assert not listener.reports
+        process = start_listener()
+        assert listener.arrived.wait(30), "no N-EVENT-REPORT after the restart"
+        time.sleep(1)  # a second report would come at once
+        [(event_type, report)] = listener.reports
+        assert event_type == 2
+        assert_report(report, request, [stored], [unknown])
+    finally:
+        listener.server.shutdown()
+        process.kill()
+        process.wait(30)
 
 
 # -- robustness ------------------------------------------------------------------------------------------------
