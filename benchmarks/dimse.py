@@ -6,13 +6,16 @@ writes two sets of CT images (512 x 512, 16-bit, explicit VR little endian), the
 
 1. single association: one ``storescu`` sends the first set, to each server in turn;
 2. 4 parallel associations: four ``storescu`` processes send a quarter of the second set each, at once;
-3. C-FIND: a pynetdicom SCU on one association per server asks, alternately, the same study-level (by Patient ID,
+3. with ``--find-instances N``: small images (64 x 64) are added until each server holds N, sent by four
+   ``storescu`` processes at once to each server in turn;
+4. C-FIND: a pynetdicom SCU on one association per server asks, alternately, the same study-level (by Patient ID,
    by a Patient Name wildcard), series-level and image-level queries; every answer's match count is checked.
 
 The first server alternates between phases. Throughput is images/s over the wall time of the storescu processes
 (their start-up included, the same for both); every image must be acknowledged with 0000.
 
     .venv/bin/python benchmarks/dimse.py --images 1000 --output /tmp/dimse.md
+    .venv/bin/python benchmarks/dimse.py --images 1000 --find-instances 20000 --output /tmp/dimse.md
 """
 
 from __future__ import annotations
@@ -96,11 +99,11 @@ def orthanc_version() -> str:
     return first.split()[-1]
 
 
-def write_images(folder: Path, count: int, label: str) -> list[Path]:
+def write_images(folder: Path, count: int, label: str, side: int = 512) -> list[Path]:
     """CT images of ``IMAGES_PER_SERIES`` per study (one series each); the pixels are shared, the UIDs are not."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(14)
-    pixels = rng.integers(0, 4096, size=(512, 512), dtype=np.uint16).tobytes()
+    pixels = rng.integers(0, 4096, size=(side, side), dtype=np.uint16).tobytes()
     paths = []
     for n in range(count):
         if n % IMAGES_PER_SERIES == 0:
@@ -114,7 +117,7 @@ def write_images(folder: Path, count: int, label: str) -> list[Path]:
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.PatientID, ds.PatientName = patient, f"Bench^{patient}"
         ds.StudyDate, ds.Modality, ds.InstanceNumber = "20240101", "CT", n % IMAGES_PER_SERIES + 1
-        ds.Rows = ds.Columns = 512
+        ds.Rows = ds.Columns = side
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
@@ -227,6 +230,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="images per C-STORE configuration")
     parser.add_argument("--find-repeats", type=int, default=30, help="times each C-FIND query is asked")
+    parser.add_argument(
+        "--find-instances", type=int, default=0, help="instances each server holds for C-FIND (small ones added)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="markdown report")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="dicomhub-dimse-bench-"))
@@ -247,6 +253,13 @@ def main() -> None:
                 rates[target.name] = args.images / seconds
                 print(f"C-STORE {images} {target.name}: {rates[target.name]:.1f} images/s", file=sys.stderr)
             rows.append((images, rates["dicomhub"], rates["orthanc"]))
+        stored = 2 * args.images
+        if args.find_instances > stored:
+            extra = write_images(home / "find", args.find_instances - stored, "F", side=64)
+            for target in targets:
+                seconds = storescu(target, [extra[i::4] for i in range(4)])
+                print(f"C-STORE {len(extra)} small images {target.name}: {seconds:.0f} s", file=sys.stderr)
+            stored = args.find_instances
         times = find_latencies(targets, queries_for(single_set), args.find_repeats)
         lines = [
             "## DIMSE (`benchmarks/dimse.py`)",
@@ -255,7 +268,7 @@ def main() -> None:
             f" (defaults), each with an empty store; {args.images} CT images of {size:.2f} MB per configuration, "
             "DCMTK storescu (`storescu -aet BENCH -aec AET host port FILES…`, explicit VR little endian); "
             f"C-FIND by pynetdicom on one association, {args.find_repeats} times each, over "
-            f"{2 * args.images} stored images.",
+            f"{stored} stored images.",
             "",
             "| C-STORE | dicomhub images/s | Orthanc images/s | ratio |",
             "|---|---|---|---|",
