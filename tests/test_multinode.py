@@ -5,7 +5,6 @@ surviving worker after the other is killed with SIGKILL."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -124,12 +122,10 @@ def test_two_apis_and_two_workers_share_one_index_and_store(cluster):
         response = client.post("/v2/export", json=body)
         assert response.status_code == 202, response.text
         op = response.json()["id"]
-        deadline = time.monotonic() + 30
-        while client.get(f"/v2/operations/{op}").json()["status"] == "notStarted" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        workers[0].kill()  # SIGKILL, whatever it holds
+        taken_over, _ = _kill_a_task_holder(servers[0], workers, op)
         done = wait(client, op, timeout=120)
     assert done["status"] == "succeeded" and done["results"]["exported"] == 120, done
+    assert _tasks(servers[0], op)[taken_over].attempts == 2
     bucket = s3_store("exports", prefix, allow_http=False, env=seaweedfs().env())
     names = [m["path"] for page in obstore.list(bucket) for m in page]
     assert len([n for n in names if n.startswith(f"{op}/results/")]) == 120
@@ -145,18 +141,29 @@ def _replace_dead_workers(workers: list[Worker]) -> None:
             wait_for_line(log_path, "operation worker started", timeout=60)
 
 
-@contextlib.contextmanager
-def _reindex_reads_held(srv: Server) -> Iterator[None]:
-    """An EXCLUSIVE lock on the instance table while the block runs (plain reads pass, row locks wait): a re-index
-    task stops at its first read of instances, which locks them, and waits there holding its lease, so the test knows
-    which worker holds which task when it kills one."""
+def _kill_a_task_holder(srv: Server, workers: list[Worker], operation_id: str) -> tuple[int, Worker]:
+    """Waits for a worker to hold a task of the operation and SIGKILLs it while the task's row is locked, so the task
+    can neither finish nor change hands before the kill lands. Returns the task's number and the killed worker."""
+    by_pid = {worker.process.pid: worker for worker in workers}
     engine = engine_of(srv)
+    deadline = time.monotonic() + 30
     try:
-        with engine.connect() as conn, conn.begin():
-            conn.execute(sa.text("LOCK TABLE instance IN EXCLUSIVE MODE"))
-            yield
+        while time.monotonic() < deadline:
+            with engine.connect() as conn, conn.begin():
+                held = conn.execute(
+                    sa.text(
+                        "SELECT number, lease_owner FROM operation_task WHERE operation_id = :id AND status = 0"
+                        " AND lease_owner IS NOT NULL LIMIT 1 FOR UPDATE"
+                    ),
+                    {"id": operation_id},
+                ).first()
+                if held is not None:
+                    victim = by_pid[int(held.lease_owner.split(":")[1])]  # owners are host:pid:nonce
+                    victim.kill()
+                    return held.number, victim
     finally:
         engine.dispose()
+    raise AssertionError(f"no worker held a task of {operation_id} within 30 s")
 
 
 def _tasks(srv: Server, operation_id: str) -> dict[int, sa.Row]:
@@ -184,38 +191,19 @@ def _instance_count(srv: Server) -> int:
         engine.dispose()
 
 
-def _holders(srv: Server, operation_id: str) -> dict[int, int]:
-    """Unfinished tasks under a lease: task number -> the pid of the worker holding it (owners are host:pid:nonce)."""
-    return {
-        number: int(row.lease_owner.split(":")[1])
-        for number, row in _tasks(srv, operation_id).items()
-        if row.status == 0 and row.lease_owner
-    }
-
-
 def test_a_reindex_finishes_on_the_other_worker_after_a_kill(cluster):
-    """An extended query tag is added; each worker claims a re-index task, one is SIGKILLed holding it, and the other
-    does every task, the dead one's after its lease: each instance indexed once, found through either API."""
+    """An extended query tag is added; a worker holding a re-index task is SIGKILLed, and the other does the rest,
+    the dead one's task after its lease: each instance indexed once, found through either API."""
     servers, workers, _ = cluster
     _replace_dead_workers(workers)
-    victim, survivor = workers
     count = 300
     with (
         httpx.Client(base_url=servers[0].url, timeout=60) as first,
         httpx.Client(base_url=servers[1].url, timeout=60) as second,
     ):
         studies = store_many(second, count)
-        with _reindex_reads_held(servers[0]):
-            operation_id = add(first, REINDEX_TAGS).rsplit("/", 1)[1]
-            deadline = time.monotonic() + 30
-            while set((holders := _holders(servers[0], operation_id)).values()) != {
-                victim.process.pid,
-                survivor.process.pid,
-            }:
-                assert time.monotonic() < deadline, f"both workers never held a task at once: {holders}"
-                time.sleep(0.05)
-            victim.kill()
-            assert _holders(servers[0], operation_id) == holders  # it died holding its task, nothing of it written
+        operation_id = add(first, REINDEX_TAGS).rsplit("/", 1)[1]
+        taken_over, victim = _kill_a_task_holder(servers[0], workers, operation_id)
         done = wait(first, operation_id, timeout=120)
         assert done["status"] == "succeeded" and done["percentComplete"] == 100, done
         for srv, http in ((servers[0], first), (servers[1], second)):
@@ -225,6 +213,6 @@ def test_a_reindex_finishes_on_the_other_worker_after_a_kill(cluster):
     assert all(row.status == 1 for row in tasks.values())
     results = {number: json.loads(row.result) for number, row in tasks.items()}
     assert sum(result["instances"] for result in results.values()) == _instance_count(servers[0])  # each read once
-    taken_over = next(number for number, pid in holders.items() if pid == victim.process.pid)
+    (survivor,) = (worker for worker in workers if worker is not victim)
     assert tasks[taken_over].attempts == 2 and results[taken_over]["worker"].endswith(f":{survivor.process.pid}")
     assert all(row.attempts == 1 for number, row in tasks.items() if number != taken_over)
