@@ -40,7 +40,11 @@ def logging_config(level: str, as_json: bool) -> dict[str, Any]:
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level.upper()},
         # uvicorn's other loggers propagate to the root; its access log would repeat the request line of app.py
-        "loggers": {"uvicorn.access": {"handlers": [], "propagate": False}},
+        # and alembic's plugin set-up says nothing an operator needs, once per process at every start
+        "loggers": {
+            "uvicorn.access": {"handlers": [], "propagate": False},
+            "alembic.runtime.plugins": {"level": "WARNING"},
+        },
     }
 
 
