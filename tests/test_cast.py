@@ -440,6 +440,8 @@ def test_kill_9_resumes_at_the_cursor(plain_archive: Server, fhir: FhirServer):
     series = [new_uid() for _ in range(4)]
     datasets = [make_dataset(study, series[n % 4], PatientID=patient_id, InstanceNumber=n) for n in range(120)]
     store(plain_archive, datasets, partition=None)
+    # the cast writes 50 instances at a time: its updates answered slowly, so the kill finds it mid-feed
+    fhir.inject_faults(*[{"method": "PUT", "delayMs": 2000}] * 3)
     process = start_cast(plain_archive, fhir.url)
     try:
         wait_for(lambda: (s := studies(fhir, study)) and s[0]["numberOfInstances"] >= 10, 60, "ten instances cast")
@@ -496,8 +498,9 @@ def test_transient_fhir_errors_are_retried(plain_archive: Server, tmp_path: Path
         store(plain_archive, datasets[2:], partition=None)  # a study the cast knows: updated with If-Match
         imaging = study_with(own_fhir, study, 4, timeout=60)
         assert len(studies(own_fhir, study)) == 1 and len(patients(own_fhir, patient_id)) == 1
+        # written, but the cast is done only once its cursor moved: after the retry of a late answer
+        status = wait_for(lambda: (s := cast_status(plain_archive, own_fhir.url))["lagEntries"] == 0 and s)
         requests = own_fhir.requests()[start:]
-        status = cast_status(plain_archive, own_fhir.url)
     finally:
         stop_cast(process)
         own_fhir.stop()

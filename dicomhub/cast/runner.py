@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from dicomhub.cast.fhir import MAX_BACKOFF_SECONDS, FhirClient, TransientError, credentials
-from dicomhub.cast.source import LocalSource, RemoteSource, Source
+from dicomhub.cast.source import Entry, LocalSource, RemoteSource, Source
 from dicomhub.cast.state import CastState, FileCastState
 from dicomhub.cast.writer import FhirWriter
 from dicomhub.config import Settings
@@ -113,30 +113,35 @@ class CastRunner:
         cursor = self.state.cursor()
         page = self.source.read(cursor)
         done = 0
-        for entry in page.entries:
+        for batch in self.writer.batches(page.entries):
             if stop.is_set() or not self._held.is_set():
                 break
-            failures = self._cast(entry)
-            if not self.state.advance(self.owner, entry.sequence, failures):
+            failures = self._cast(batch)
+            if not self.state.advance(self.owner, batch[-1].sequence, failures):
                 self._held.clear()  # another runner took over
                 log.warning("DICOMcast lost its lease", extra={"owner": self.owner})
                 break
-            done += 1
+            done += len(batch)
         if not page.entries and page.scanned_to > cursor:
             self.state.advance(self.owner, page.scanned_to)
         return done
 
-    def _cast(self, entry) -> list[CastFailure]:
+    def _cast(self, batch: list[Entry]) -> list[CastFailure]:
+        """The failures of a batch of entries cast together; when the batch fails as a whole, its entries are
+        cast one by one, so the failing one is named and the others go through."""
         try:
-            problems = self.writer.apply(entry, self.source.partition_base(entry.partition_name))
+            problems = self.writer.apply(batch, self.source.partition_base(batch[0].partition_name))
         except TransientError:
             raise
         except Exception as exc:  # refused by FHIR, a required attribute missing, or a defect: never a stuck feed
+            if len(batch) > 1:
+                return [failure for entry in batch for failure in self._cast([entry])]
+            entry = batch[0]
             log.warning(
                 "DICOMcast skipped an entry", extra={"sequence": entry.sequence, "reason": f"{exc}"}, exc_info=True
             )
             return [_failure(entry, "skipped", f"{type(exc).__name__}: {exc}")]
-        return [_failure(entry, "partial", p) for p in problems]
+        return [_failure(entry, "partial", p) for entry, found in zip(batch, problems, strict=True) for p in found]
 
     def status(self) -> dict[str, Any]:
         """The cursor, the lag behind the feed, and the entries skipped or cast without an invalid attribute."""

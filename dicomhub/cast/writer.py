@@ -1,4 +1,5 @@
-"""Applies one change-feed entry to the FHIR server: Patient, Endpoint, ImagingStudy and dose Observations.
+"""Applies change-feed entries to the FHIR server: Patient, Endpoint, ImagingStudy and dose Observations; a run
+of entries of one study is written at once (one update of its ImagingStudy instead of one per instance).
 
 Every step is idempotent (conditional creates, merges that leave what is already there), so an entry redone after a
 crash or a transient failure changes nothing twice. Updates carry ``If-Match`` with the version read; on 412 the
@@ -8,7 +9,7 @@ resource is read again and the change made anew, never written over someone else
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from dicomhub.cast import mapping
 from dicomhub.cast.fhir import FhirClient, FhirError, PreconditionFailed
@@ -16,6 +17,7 @@ from dicomhub.cast.mapping import EntryRejected, Problems, identifier_query, ref
 from dicomhub.cast.source import Entry
 
 MAX_CONFLICTS = 5
+MAX_BATCH = 50  # entries cast together at most: bounds the work a crash or a failure makes redo
 KNOWN_RESOURCES = 10_000  # Patients and ImagingStudies remembered as last written (most recent first)
 
 
@@ -39,41 +41,82 @@ class FhirWriter:
         # search, and its update's If-Match tells whether someone changed the resource since (412: read again)
         self._known: OrderedDict[str, dict] = OrderedDict()
 
-    def apply(self, entry: Entry, base: str) -> list[str]:
-        """Casts the entry; returns the reasons of attributes left out. Raises ``EntryRejected`` / ``FhirError``
-        (skip the entry) or ``TransientError`` (try again later)."""
-        if entry.action == "Delete":
-            self._delete_instance(entry, base)
-            return []
-        if entry.state == "Deleted" or entry.metadata is None:
-            return []  # the instance is gone by now: its Delete entry follows
-        return self._upsert_instance(entry, entry.metadata, base)
+    def batches(self, entries: list[Entry]) -> Iterator[list[Entry]]:
+        """The entries in order, up to ``MAX_BATCH`` consecutive creates and updates of one study and patient
+        together: such a run (the instances of one STOW, typically) is cast with one write of its Patient and
+        ImagingStudy."""
+        batch: list[Entry] = []
+        for entry in entries:
+            if (
+                0 < len(batch) < MAX_BATCH
+                and self._joinable(batch[-1])
+                and self._joinable(entry)
+                and self._same_study(batch[-1], entry)
+            ):
+                batch.append(entry)
+                continue
+            if batch:
+                yield batch
+            batch = [entry]
+        if batch:
+            yield batch
+
+    @staticmethod
+    def _joinable(entry: Entry) -> bool:
+        return entry.action != "Delete" and entry.state != "Deleted" and entry.metadata is not None
+
+    def _same_study(self, a: Entry, b: Entry) -> bool:
+        if (a.partition_name, a.study_uid) != (b.partition_name, b.study_uid):
+            return False
+        try:
+            patient = mapping.patient_identifier(a.metadata, self.patient_system, self.use_issuer)
+            return patient == mapping.patient_identifier(b.metadata, self.patient_system, self.use_issuer)
+        except EntryRejected:
+            return False
+
+    def apply(self, batch: list[Entry], base: str) -> list[list[str]]:
+        """Casts a batch of ``batches``; returns each entry's reasons of attributes left out. Raises
+        ``EntryRejected`` / ``FhirError`` (skip the entry) or ``TransientError`` (try again later)."""
+        if len(batch) == 1 and not self._joinable(batch[0]):
+            if batch[0].action == "Delete":
+                self._delete_instance(batch[0], base)
+            return [[]]  # a Create of an instance gone by now: its Delete entry follows
+        return self._upsert_instances(batch, base)
 
     # -- create / update --------------------------------------------------------------------------------------------
-    def _upsert_instance(self, entry: Entry, ds: dict, base: str) -> list[str]:
-        identifier = mapping.patient_identifier(ds, self.patient_system, self.use_issuer)
-        problems = Problems()
+    def _upsert_instances(self, batch: list[Entry], base: str) -> list[list[str]]:
+        study_uid = batch[0].study_uid
+        datasets = [entry.metadata for entry in batch]
+        identifier = mapping.patient_identifier(datasets[0], self.patient_system, self.use_issuer)
+        problems = [Problems() for _ in batch]
 
         def patient_of(current: dict | None) -> dict:
-            problems.reasons.clear()  # built again after a conflict: report each problem once
-            return mapping.patient_resource(current, identifier, ds, problems)
+            for ds, found in zip(datasets, problems, strict=True):
+                found.reasons.clear()  # built again after a conflict: report each problem once
+                current = mapping.patient_resource(current, identifier, ds, found)
+            return current
 
         patient = self._save(self._find("Patient", identifier), patient_of, self._condition(identifier))
-        patient_problems = list(problems.reasons)
+        patient_problems = [list(found.reasons) for found in problems]
         patient_ref = reference("Patient", patient["id"])
         endpoint_ref = reference("Endpoint", self._endpoint(base))
 
         def study_of(current: dict | None) -> dict:
-            problems.reasons[:] = patient_problems
-            return mapping.study_resource(current, ds, entry.study_uid, patient_ref, endpoint_ref, base, problems)
+            for ds, found, before in zip(datasets, problems, patient_problems, strict=True):
+                found.reasons[:] = before
+                current = mapping.study_resource(current, ds, study_uid, patient_ref, endpoint_ref, base, found)
+            return current
 
-        study_identifier = uid_identifier(entry.study_uid)
+        study_identifier = uid_identifier(study_uid)
         study = self._save(self._find("ImagingStudy", study_identifier), study_of, self._condition(study_identifier))
         if self.observations:
             study_ref = reference("ImagingStudy", study["id"])
-            for observation in mapping.dose_observations(ds, patient_ref, study_ref, entry.study_uid, entry.sop_uid):
-                self._save_observation(observation)
-        return list(problems.reasons)
+            for entry in batch:
+                for observation in mapping.dose_observations(
+                    entry.metadata, patient_ref, study_ref, study_uid, entry.sop_uid
+                ):
+                    self._save_observation(observation)
+        return [list(found.reasons) for found in problems]
 
     def _save_observation(self, observation: dict) -> None:
         first = observation["identifier"][0]
