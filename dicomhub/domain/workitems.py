@@ -121,12 +121,8 @@ CODE_SEQUENCES = _keys(
     "AdmittingDiagnosesCodeSequence",
     "RequestedProcedureCodeSequence",
 )
-# PS3.4 Table CC.2.5-3, N-SET column: attributes an update may not carry
-NOT_ALLOWED_ON_UPDATE = _keys(
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "ProcedureStepState",
-    "TransactionUID",
+# PS3.4 Table CC.2.5-3: the Patient Demographic, Patient Medical and Admission attributes of a workitem
+PATIENT_AND_ADMISSION = (
     "PatientName",
     "PatientID",
     "IssuerOfPatientID",
@@ -137,6 +133,10 @@ NOT_ALLOWED_ON_UPDATE = _keys(
     "IssuerOfAdmissionIDSequence",
     "AdmittingDiagnosesDescription",
     "AdmittingDiagnosesCodeSequence",
+)
+# PS3.4 Table CC.2.5-3, N-SET column: attributes an update may not carry
+NOT_ALLOWED_ON_UPDATE = _keys(
+    "SOPClassUID", "SOPInstanceUID", "ProcedureStepState", "TransactionUID", *PATIENT_AND_ADMISSION
 )
 # Final State column: what a workitem must hold to become COMPLETED / CANCELED
 COMPLETED_PERFORMED = _keys(
@@ -176,16 +176,7 @@ RETURN_KEYS = frozenset(
         "InputReadinessState",
         "InputInformationSequence",
         "StudyInstanceUID",
-        "PatientName",
-        "PatientID",
-        "IssuerOfPatientID",
-        "OtherPatientIDsSequence",
-        "PatientBirthDate",
-        "PatientSex",
-        "AdmissionID",
-        "IssuerOfAdmissionIDSequence",
-        "AdmittingDiagnosesDescription",
-        "AdmittingDiagnosesCodeSequence",
+        *PATIENT_AND_ADMISSION,
         "ReferencedRequestSequence",
         "ProcedureStepState",
         "ProcedureStepProgressInformationSequence",

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from dicomhub.index.engine import write_transaction
 from dicomhub.index.schema import cast_failure, cast_state
 
 
@@ -40,13 +41,10 @@ class IndexCastState:
         self.name = name
         self.lease = timedelta(seconds=lease_seconds)
 
-    def _write(self):
-        return self.engine.connect().execution_options(write=True, durable=True)
-
     def acquire(self, owner: str) -> bool:
         """Takes or renews the lease; False while another runner holds it."""
         now = datetime.now(UTC)
-        with self._write() as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             taken = conn.execute(
                 update(cast_state)
                 .where(
@@ -65,7 +63,7 @@ class IndexCastState:
             if exists is not None:
                 return False
         try:
-            with self._write() as conn, conn.begin():
+            with write_transaction(self.engine) as conn:
                 conn.execute(
                     insert(cast_state).values(
                         name=self.name, cursor=0, lease_owner=owner, lease_expires=now + self.lease, updated_at=now
@@ -76,7 +74,7 @@ class IndexCastState:
         return True
 
     def release(self, owner: str) -> None:
-        with self._write() as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(cast_state)
                 .where(cast_state.c.name == self.name, cast_state.c.lease_owner == owner)
@@ -92,7 +90,7 @@ class IndexCastState:
         """Moves the cursor to ``sequence`` and records the entry's failures, renewing the lease; False (nothing
         written) when ``owner`` no longer holds the lease."""
         now = datetime.now(UTC)
-        with self._write() as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             moved = conn.execute(
                 update(cast_state)
                 .where(

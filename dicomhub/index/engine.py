@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -17,6 +20,25 @@ def make_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+@contextmanager
+def write_transaction(engine: Engine, durable: bool = True) -> Iterator[Connection]:
+    """A write transaction (SQLite begins it IMMEDIATE); ``durable=False`` lets SQLite skip the fsync of this
+    commit (a later durable commit flushes it too, since the WAL is sequential)."""
+    with engine.connect().execution_options(write=True, durable=durable) as conn, conn.begin():
+        yield conn
+
+
+@contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """A read transaction (SQLite begins it deferred: it takes no write lock)."""
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -10,7 +10,7 @@ exists (and is then covered by the re-index, which starts after the tag is commi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -18,6 +18,7 @@ from functools import cache
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dicomhub.index.engine import read_transaction, write_transaction
 from dicomhub.index.schema import (
     EXTENDED_ADDING,
     EXTENDED_READY,
@@ -283,15 +284,11 @@ class ExtendedTagStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    @contextmanager
-    def write(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(write=True, durable=True) as conn, conn.begin():
-            yield conn
+    def write(self) -> AbstractContextManager[Connection]:
+        return write_transaction(self.engine)
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self) -> AbstractContextManager[Connection]:
+        return read_transaction(self.engine)
 
     def list(self, limit: int, offset: int) -> list[ExtendedTag]:
         with self._read() as conn:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Select, bindparam, case, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.changefeed import Change, append_changes
+from dicomhub.index.engine import read_transaction, utc_now, write_transaction
 from dicomhub.index.extended_tags import forget_deleted
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
@@ -52,10 +53,6 @@ class ReservationLost(Exception):
     """A store's ``creating`` row is gone (taken over as stale): it must not be completed."""
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -66,17 +63,11 @@ class Index:
         self._prepare_read_statements()
 
     # -- transactions -------------------------------------------------------------------------------------------
-    @contextmanager
-    def _write(self, durable: bool = True) -> Iterator[Connection]:
-        """A write transaction; ``durable=False`` lets SQLite skip the fsync of this commit (a later durable
-        commit flushes it too, since the WAL is sequential)."""
-        with self.engine.connect().execution_options(write=True, durable=durable) as conn, conn.begin():
-            yield conn
+    def _write(self, durable: bool = True) -> AbstractContextManager[Connection]:
+        return write_transaction(self.engine, durable)
 
-    @contextmanager
-    def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+    def read(self) -> AbstractContextManager[Connection]:
+        return read_transaction(self.engine)
 
     def _greatest(self, a, b):
         return func.greatest(a, b) if self.dialect == "postgresql" else func.max(a, b)
@@ -112,7 +103,7 @@ class Index:
         if existing:
             return existing
         with self._write() as conn:
-            stmt = self._insert(partition).values(name=name, created_at=_now()).on_conflict_do_nothing()
+            stmt = self._insert(partition).values(name=name, created_at=utc_now()).on_conflict_do_nothing()
             conn.execute(stmt)
         found = self.get_partition(name)
         assert found is not None
@@ -203,7 +194,7 @@ class Index:
                     "series_uid": series_uid,
                     "sop_uid": sop_uid,
                     "status": INSTANCE_CREATING,
-                    "created_at": _now(),
+                    "created_at": utc_now(),
                 }
                 watermark = conn.execute(self._allocate).scalar_one()
                 reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()
@@ -443,7 +434,7 @@ class Index:
                 removed += conn.execute(deleted.returning(instance.c.study_key, instance.c.series_key)).tuples().all()
             for chunk in _chunks(watermarks + originals, 500):
                 conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
-            now = _now()
+            now = utc_now()
             keys = [v.blob_key for v in victims] + [v.original_blob_key for v in victims if v.original_blob_key]
             conn.execute(
                 insert(blob_cleanup),
@@ -522,7 +513,7 @@ class Index:
         with self.read() as conn:
             rows = conn.execute(
                 select(blob_cleanup.c.id, blob_cleanup.c.blob_key)
-                .where(blob_cleanup.c.delete_after <= _now())
+                .where(blob_cleanup.c.delete_after <= utc_now())
                 .order_by(blob_cleanup.c.id)
                 .limit(limit)
             ).all()
@@ -537,7 +528,7 @@ class Index:
             conn.execute(
                 update(blob_cleanup)
                 .where(blob_cleanup.c.id == cleanup_id)
-                .values(attempts=blob_cleanup.c.attempts + 1, delete_after=_now() + after)
+                .values(attempts=blob_cleanup.c.attempts + 1, delete_after=utc_now() + after)
             )
 
 

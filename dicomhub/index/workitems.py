@@ -9,15 +9,16 @@ creates), so a new workitem is either seen by the subscription's scan of existin
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, insert, literal, select, text, true
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
+from dicomhub.index.engine import read_transaction, utc_now, write_transaction
 from dicomhub.index.qido import like_pattern, value_condition
 from dicomhub.index.records import QueryFilter
 from dicomhub.index.schema import workitem, workitem_event, workitem_subscription, workitem_value
@@ -125,24 +126,16 @@ def _has_value(attribute: int, matches: ColumnElement[bool]) -> ColumnElement[bo
     return workitem.c.workitem_key.in_(keys)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class WorkitemStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(write=True, durable=True) as conn, conn.begin():
-            yield conn
+    def _write(self) -> AbstractContextManager[Connection]:
+        return write_transaction(self.engine)
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self) -> AbstractContextManager[Connection]:
+        return read_transaction(self.engine)
 
     def _lock_subscriptions(self, conn: Connection, shared: bool) -> None:
         if self.dialect == "postgresql":
@@ -155,7 +148,7 @@ class WorkitemStore:
     ) -> None:
         """Inserts the workitem, subscribes the global subscribers it matches and writes their initial State
         Reports; raises WorkitemExists."""
-        now = _now()
+        now = utc_now()
         try:
             with self._write() as conn:
                 self._lock_subscriptions(conn, shared=True)
@@ -243,7 +236,7 @@ class WorkitemStore:
     ) -> bool:
         """Writes a new version of ``read`` if it is still the stored one (False otherwise: nothing changed), with
         ``event`` for every subscriber of the workitem."""
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             changed = conn.execute(
                 sql_update(workitem)
@@ -267,7 +260,7 @@ class WorkitemStore:
     def notify(self, partition_key: int, uid: str, event: str) -> int:
         """Writes ``event`` for every subscriber of the workitem; the number of subscribers."""
         with self._write() as conn:
-            return self._notify(conn, partition_key, uid, event, _now())
+            return self._notify(conn, partition_key, uid, event, utc_now())
 
     @staticmethod
     def _notify(conn: Connection, partition_key: int, uid: str, payload: str, now: datetime) -> int:
@@ -301,7 +294,7 @@ class WorkitemStore:
     # -- subscriptions ------------------------------------------------------------------------------------------------
     def subscribe(self, partition_key: int, aet: str, uid: str, deletion_lock: bool, event_for: EventFor) -> bool:
         """Subscribes ``aet`` to one workitem and queues its initial State Report; False when it does not exist."""
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             found = self._get(conn, partition_key, uid)
             if found is None:
@@ -321,7 +314,7 @@ class WorkitemStore:
     ) -> None:
         """A global subscription (filtered when ``filters``): ``aet`` is subscribed to every existing workitem it
         matches, which each get an initial State Report, and to every matching one created from now on."""
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             self._lock_subscriptions(conn, shared=False)
             self._upsert_subscription(
