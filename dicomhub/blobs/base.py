@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -83,3 +84,19 @@ def purge_old_files(folder: Path, older_than: float) -> int:
         except FileNotFoundError:
             continue
     return removed
+
+
+class LocalStaging:
+    """Uploads spooled to files of a local ``staging`` folder before ``put`` (both stores spool the same way)."""
+
+    staging: Path
+
+    def new_staging_file(self) -> Path:
+        return self.staging / f"{uuid.uuid4().hex}.part"
+
+    def discard(self, staged: Staged) -> None:
+        if staged.path is not None:
+            staged.path.unlink(missing_ok=True)
+
+    def purge_staging(self, older_than: float) -> int:
+        return purge_old_files(self.staging, older_than)

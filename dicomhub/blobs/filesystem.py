@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dicomhub.blobs.base import Staged, purge_old_files
+from dicomhub.blobs.base import LocalStaging, Staged
 
 
-class FileSystemBlobStore:
+class FileSystemBlobStore(LocalStaging):
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root.resolve()
         self._root_text = str(self.root)
@@ -26,9 +26,6 @@ class FileSystemBlobStore:
         if not path.startswith(self._root_prefix):
             raise ValueError(f"blob key escapes the store: {key!r}")
         return Path(path)
-
-    def new_staging_file(self) -> Path:
-        return self.staging / f"{uuid.uuid4().hex}.part"
 
     def put(self, key: str, staged: Staged) -> None:
         target = self._path(key)
@@ -94,13 +91,6 @@ class FileSystemBlobStore:
                 folder.rmdir()
             except OSError:
                 break
-
-    def discard(self, staged: Staged) -> None:
-        if staged.path is not None:
-            staged.path.unlink(missing_ok=True)
-
-    def purge_staging(self, older_than: float) -> int:
-        return purge_old_files(self.staging, older_than)
 
     def health(self) -> None:
         probe = self.staging / f"health-{uuid.uuid4().hex}"

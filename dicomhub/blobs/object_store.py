@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import obstore
 from obstore.store import AzureStore, LocalStore, S3Store
 
-from dicomhub.blobs.base import Staged, purge_old_files
+from dicomhub.blobs.base import LocalStaging, Staged
 
 # Parts of a multipart upload: read from the spool file one at a time per concurrent upload, so memory stays near
 # UPLOAD_PART_SIZE x UPLOAD_CONCURRENCY whatever the file's size.
@@ -281,7 +281,7 @@ def open_object(store: ObjectStore, key: str) -> BinaryIO:
     return io.BufferedReader(_RangeReader(store, key), buffer_size=READ_BUFFER)
 
 
-class ObjectBlobStore:
+class ObjectBlobStore(LocalStaging):
     """The blob store on S3 or Azure Blob. Large uploads are spooled on the local disk first (``staging``), as on
     the filesystem backend, then uploaded in parts; an upload is acknowledged by the store before ``put`` returns,
     and keys are never reused, so an upload cut short by a crash is at most an orphan (or an incomplete multipart
@@ -292,9 +292,6 @@ class ObjectBlobStore:
         self.url = url
         self.staging = staging
         self.staging.mkdir(parents=True, exist_ok=True)
-
-    def new_staging_file(self) -> Path:
-        return self.staging / f"{uuid.uuid4().hex}.part"
 
     def put(self, key: str, staged: Staged) -> None:
         if staged.data is not None:
@@ -313,13 +310,6 @@ class ObjectBlobStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # Azure answers 404 for a missing blob; S3 does not
             obstore.delete(self.store, key)
-
-    def discard(self, staged: Staged) -> None:
-        if staged.path is not None:
-            staged.path.unlink(missing_ok=True)
-
-    def purge_staging(self, older_than: float) -> int:
-        return purge_old_files(self.staging, older_than)
 
     def health(self) -> None:
         """Writes, reads back and deletes a small probe object under the store's prefix."""
