@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     reindex_batch_size: int = Field(
         1000, description="Instance watermarks per re-index task (the unit a crashed worker redoes)."
     )
-    auth_enabled: bool = Field(False, description="Require OpenID Connect bearer tokens and check roles on every route.")
+    auth_enabled: bool = Field(
+        False, description="Require OpenID Connect bearer tokens and check roles on every route."
+    )
     auth_authority: str | None = Field(
         None, description="Token issuer URL; keys come from its /.well-known/openid-configuration jwks_uri."
     )
