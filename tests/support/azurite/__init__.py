@@ -52,8 +52,12 @@ class Azurite:
             interval=0.2,
             cwd=self.data_dir,
         )
-        for name in CONTAINERS:
-            self.service().create_container(name)
+        try:
+            for name in CONTAINERS:
+                self.service().create_container(name)
+        except BaseException:
+            self.stop()  # nobody else holds the process yet
+            raise
         return self
 
     def service(self):
