@@ -44,7 +44,6 @@ from dicomhub.domain.workitems import (
     parse_filters,
     parse_workitem_query,
 )
-from dicomhub.index.workitems import WorkitemStore
 
 log = logging.getLogger("dicomhub.watch")
 router = APIRouter(tags=["Worklist (UPS-RS)"])
@@ -247,18 +246,18 @@ async def watch(websocket: WebSocket, aet: str) -> None:
     except DicomHubError as exc:
         await _refuse(websocket, exc)
         return
-    store: WorkitemStore = ctx.services.workitems.store
+    workitems = ctx.services.workitems
     await websocket.accept()
     gone = asyncio.Event()
     reader = asyncio.create_task(_read_until_closed(websocket, gone))
     try:
         while not gone.is_set():
-            events = await run_in_threadpool(store.pending_events, partition.key, aet, WATCH_BATCH)
+            events = await run_in_threadpool(workitems.pending_events, partition, aet, WATCH_BATCH)
             sent = []
             for event in events:
                 await websocket.send_text(event.payload)
                 sent.append(event.key)
-            await run_in_threadpool(store.delivered, sent)
+            await run_in_threadpool(workitems.delivered, sent)
             if len(events) < WATCH_BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(gone.wait(), WATCH_POLL_SECONDS)

@@ -36,7 +36,7 @@ from dicomhub.domain.query import (
     parse_control,
 )
 from dicomhub.index.records import Partition
-from dicomhub.index.workitems import WorkitemExists, WorkitemFilter, WorkitemRow, WorkitemStore, WorkitemValues
+from dicomhub.index.workitems import Event, WorkitemExists, WorkitemFilter, WorkitemRow, WorkitemStore, WorkitemValues
 
 UPS_PUSH_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
 GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"  # PS3.4 CC.3.1: the well-known UPS global subscription instance
@@ -706,6 +706,14 @@ class WorkitemService:
             raise InvalidRequest("Only a global subscription can be suspended.")
         if not self.store.suspend(partition.key, aet, uid):
             raise ResourceNotFound(f"The AE title '{aet}' has no global subscription to suspend.")
+
+    def pending_events(self, partition: Partition, aet: str, limit: int) -> list[Event]:
+        """The oldest events queued for ``aet`` (the watch channel's next batch), in the order they were written."""
+        return self.store.pending_events(partition.key, aet, limit)
+
+    def delivered(self, keys: Sequence[int]) -> None:
+        """Events a subscriber has been sent; they leave its queue."""
+        self.store.delivered(keys)
 
 
 def parse_filters(raw: Sequence[str]) -> list[tuple[str, str]]:
