@@ -8,12 +8,18 @@ import httpx
 import pytest
 
 from tests.servers import Server, database_url
-from tests.support.oidc.provider import auth_mode, send_admin_tokens
+from tests.support.oidc.provider import auth_mode, send_admin_tokens, stop_shared_provider
 
 ENGINES = ["sqlite", "postgres"]
 
 if auth_mode():  # DICOMHUB_TEST_AUTH=1: every test server requires tokens, and the tests send admin tokens
     send_admin_tokens()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_oidc_provider_stopped() -> Iterator[None]:
+    yield
+    stop_shared_provider()
 
 
 def start_server(tmp_path_factory: pytest.TempPathFactory, engine: str, **settings: str) -> Server:

@@ -576,6 +576,7 @@ BULK_UPDATE_DOC = route_doc(
     body={"required": True, "content": {"application/json": {"schema": ref("BulkUpdateRequest")}}},
 )
 
+
 def _operation_start_doc(started: str, schema: str) -> Json:
     return route_doc(
         {
@@ -789,8 +790,11 @@ SEARCH_WORKITEMS_DOC = route_doc(
 SUBSCRIBE_DOC = route_doc(
     {201: answer("Subscribed; an initial State Report is queued.", EMPTY), **workitem_errors(400, 404)},
     [
-        query("deletionlock", "Ask the server to keep the workitem until this subscriber unsubscribes.",
-              {"type": "boolean"}),
+        query(
+            "deletionlock",
+            "Ask the server to keep the workitem until this subscriber unsubscribes.",
+            {"type": "boolean"},
+        ),
         query(
             "filter",
             "Filtered global subscription (1.2.840.10008.5.1.4.34.5.1) only: Key=value search keys (repeatable).",

@@ -96,6 +96,14 @@ def shared_provider() -> OidcProvider:
     return _shared
 
 
+def stop_shared_provider() -> None:
+    """Stops the provider of this test process, if it started one (pytest-xdist workers skip atexit handlers)."""
+    global _shared
+    if _shared is not None:
+        _shared.stop()
+        _shared = None
+
+
 def auth_mode() -> bool:
     return os.environ.get(AUTH_MODE_ENV) == "1"
 
