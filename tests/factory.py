@@ -15,6 +15,13 @@ def new_uid() -> str:
     return f"2.25.{uuid.uuid4().int}"
 
 
+# make_dataset(**WITHOUT_IMAGE) is a data set with no Image Pixel module (documents, structured reports)
+WITHOUT_IMAGE = dict.fromkeys(
+    ("PixelData", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+     "HighBit", "PixelRepresentation"),
+)  # fmt: skip
+
+
 def make_dataset(
     study: str | None = None,
     series: str | None = None,

@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence
 
 from dicomhub.cast.fhir import MAX_BACKOFF_SECONDS
 from tests.conftest import ENGINES, start_server
-from tests.factory import make_dataset, multipart, new_uid, to_bytes
+from tests.factory import WITHOUT_IMAGE, make_dataset, multipart, new_uid, to_bytes
 from tests.servers import Server
 from tests.support.fhir import FhirServer
 from tests.support.oidc.provider import auth_mode, shared_provider
@@ -306,15 +306,7 @@ def dose_report(study: str, patient_id: str, event_uid: str) -> Dataset:
         ValueType="CONTAINER",
         ConceptNameCodeSequence=_code("113701", "DCM", "X-Ray Radiation Dose Report"),
         ContentSequence=Sequence([accumulated, event]),
-        PixelData=None,
-        Rows=None,
-        Columns=None,
-        SamplesPerPixel=None,
-        PhotometricInterpretation=None,
-        BitsAllocated=None,
-        BitsStored=None,
-        HighBit=None,
-        PixelRepresentation=None,
+        **WITHOUT_IMAGE,
     )
 
 

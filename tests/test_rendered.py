@@ -22,7 +22,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import JPEGBaseline8Bit
 
 from tests.conftest import start_server
-from tests.factory import make_dataset, new_uid
+from tests.factory import WITHOUT_IMAGE, make_dataset, new_uid
 from tests.servers import Server
 from tests.test_wado import Stored, pydicom_file, reuid, store, stored
 
@@ -70,15 +70,7 @@ def image(pixels: np.ndarray, study: str | None = None, series: str | None = Non
 
 def document(sop_class: str, content: bytes, mime: str) -> Stored:
     ds = make_dataset(
-        Rows=None,
-        Columns=None,
-        SamplesPerPixel=None,
-        PhotometricInterpretation=None,
-        BitsAllocated=None,
-        BitsStored=None,
-        HighBit=None,
-        PixelRepresentation=None,
-        PixelData=None,
+        **WITHOUT_IMAGE,
         Modality="DOC",
     )
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
