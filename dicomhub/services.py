@@ -27,6 +27,8 @@ from dicomhub.domain.render import RenderService, ThumbnailCache
 from dicomhub.domain.retrieve import RetrieveService
 from dicomhub.domain.store import StoreService
 from dicomhub.domain.workitems import WorkitemService
+from dicomhub.index.cast import IndexCastState
+from dicomhub.index.commitments import CommitmentStore
 from dicomhub.index.engine import make_engine, migrate
 from dicomhub.index.extended_tags import ExtendedTagStore
 from dicomhub.index.operations import OperationStore
@@ -68,6 +70,15 @@ class Services:
     @cached_property
     def workitems(self) -> WorkitemService:
         return WorkitemService(WorkitemStore(self.index.engine))
+
+    @cached_property
+    def storage_commitments(self) -> CommitmentStore:
+        """DIMSE storage commitment requests waiting for their report."""
+        return CommitmentStore(self.index.engine)
+
+    def cast_state(self, name: str, lease_seconds: float) -> IndexCastState:
+        """The durable cursor, lease and failures of the DICOMcast named ``name``."""
+        return IndexCastState(self.index.engine, name, lease_seconds)
 
     def operation_worker(self) -> OperationWorker:
         return OperationWorker(self.operations.store, self.operation_handlers, self.settings)

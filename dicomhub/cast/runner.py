@@ -25,7 +25,7 @@ from dicomhub.cast.state import CastState, FileCastState
 from dicomhub.cast.writer import FhirWriter
 from dicomhub.config import Settings
 from dicomhub.domain.changefeed import ChangeFeedService
-from dicomhub.index.cast import CastFailure, IndexCastState
+from dicomhub.index.cast import CastFailure
 from dicomhub.services import Services, build_services
 
 log = logging.getLogger("dicomhub.cast")
@@ -214,5 +214,5 @@ def build_runner(settings: Settings, dicomweb_url: str | None = None, services: 
             settings.cast_dicomweb_url or DEFAULT_PUBLIC_BASE,
             settings.enable_partitions,
         )
-        state = IndexCastState(services.index.engine, LOCAL_CAST, settings.cast_lease_seconds)
+        state = services.cast_state(LOCAL_CAST, settings.cast_lease_seconds)
     return CastRunner(source, state, writer, settings.cast_poll_seconds, settings.cast_lease_seconds)

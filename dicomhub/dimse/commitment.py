@@ -23,7 +23,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from dicomhub.dimse.peers import Caller, Peer, PeerDirectory
 from dicomhub.domain.attributes import SOP_CLASS_UID, SOP_UID
 from dicomhub.domain.query import MAX_LIMIT, SearchRequest
-from dicomhub.index.commitments import CommitmentStore, PendingCommitment
+from dicomhub.index.commitments import PendingCommitment
 from dicomhub.index.records import Partition, QueryFilter
 from dicomhub.services import Services
 
@@ -114,7 +114,7 @@ class CommitmentReporter:
         self.peers = peers
         self.ae_title = ae_title
         self.delay = timedelta(seconds=delay)
-        self.pending = CommitmentStore(services.index.engine)
+        self.pending = services.storage_commitments
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dimse-commitment")
         self._stopping = threading.Event()
         self._wake = threading.Event()
