@@ -41,6 +41,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+IN_LIST_SIZE = 500  # values per IN (...) list: well under SQLite's and PostgreSQL's bound-parameter limits
+
+
+def in_lists(items: list) -> Iterator[list]:
+    """``items`` cut into lists of at most :data:`IN_LIST_SIZE`, one ``IN`` clause each."""
+    for i in range(0, len(items), IN_LIST_SIZE):
+        yield items[i : i + IN_LIST_SIZE]
+
+
 def _configure_sqlite(engine: Engine) -> None:
     """WAL for concurrent readers; ``synchronous=FULL`` so a commit is on disk when it returns.
 

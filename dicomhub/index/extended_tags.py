@@ -9,7 +9,7 @@ exists (and is then covered by the re-index, which starts after the tag is commi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +18,7 @@ from functools import cache
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicomhub.index.engine import read_transaction, write_transaction
+from dicomhub.index.engine import in_lists, read_transaction, write_transaction
 from dicomhub.index.schema import (
     EXTENDED_ADDING,
     EXTENDED_READY,
@@ -261,9 +261,9 @@ def forget_deleted(
     gone_studies = _missing(conn, study, study.c.study_key, study_keys)
     for table in (*VALUE_TABLES.values(), extended_name_word):
         for level, keys in ((INSTANCE, instance_keys), (SERIES, gone_series), (STUDY, gone_studies)):
-            for chunk in _chunks(list(keys), 500):
+            for chunk in in_lists(list(keys)):
                 conn.execute(delete(table).where((table.c.level == level) & table.c.resource_key.in_(chunk)))
-    for chunk in _chunks(list(watermarks), 500):
+    for chunk in in_lists(list(watermarks)):
         conn.execute(delete(extended_query_tag_error).where(extended_query_tag_error.c.watermark.in_(chunk)))
 
 
@@ -272,11 +272,6 @@ def _missing(conn: Connection, table: Table, key_col, keys: Sequence[int]) -> li
         return []
     present = set(conn.execute(select(key_col).where(key_col.in_(list(keys)))).scalars())
     return [k for k in keys if k not in present]
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 # -- the tag list and the re-index ----------------------------------------------------------------------------------

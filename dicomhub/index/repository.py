@@ -7,7 +7,7 @@ their change-feed rows, so the feed and the index never disagree.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 
@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, Select, bindparam, case, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.changefeed import Change, append_changes
-from dicomhub.index.engine import read_transaction, utc_now, write_transaction
+from dicomhub.index.engine import in_lists, read_transaction, utc_now, write_transaction
 from dicomhub.index.extended_tags import forget_deleted
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
@@ -429,10 +429,10 @@ class Index:
             # an updated instance goes with its original version (metadata and file) too
             originals = [v.original_watermark for v in victims if v.original_watermark is not None]
             removed: list[tuple[int, int]] = []  # (study, series) of each row this transaction deleted
-            for chunk in _chunks(watermarks, 500):
+            for chunk in in_lists(watermarks):
                 deleted = delete(instance).where(instance.c.watermark.in_(chunk))
                 removed += conn.execute(deleted.returning(instance.c.study_key, instance.c.series_key)).tuples().all()
-            for chunk in _chunks(watermarks + originals, 500):
+            for chunk in in_lists(watermarks + originals):
                 conn.execute(delete(instance_metadata).where(instance_metadata.c.watermark.in_(chunk)))
             now = utc_now()
             keys = [v.blob_key for v in victims] + [v.original_blob_key for v in victims if v.original_blob_key]
@@ -530,8 +530,3 @@ class Index:
                 .where(blob_cleanup.c.id == cleanup_id)
                 .values(attempts=blob_cleanup.c.attempts + 1, delete_after=utc_now() + after)
             )
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
