@@ -34,6 +34,7 @@ from dicomhub.api import (
     wado,
     workitems,
 )
+from dicomhub.api.dispatch import DirectDispatch
 from dicomhub.api.errors import install_error_handlers
 from dicomhub.auth.actions import OPEN_ROUTES
 from dicomhub.auth.middleware import install_security
@@ -154,6 +155,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(home.router)
     openapi.install(app, OPEN_ROUTES if settings.auth_enabled else None)
 
+    app.add_middleware(DirectDispatch, fastapi=app)  # innermost: behind the security check, the log and CORS
     install_security(app, settings)  # inside the request log and CORS: refusals are logged and carry CORS
     app.add_middleware(ObserveMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
