@@ -1,12 +1,19 @@
-"""QIDO-RS compiled to SQL: each filter becomes a condition on an indexed, pre-folded column."""
+"""QIDO-RS compiled to SQL: each filter becomes a condition on an indexed, pre-folded column.
+
+A statement is built once per query shape (level, and each filter's attribute, kind of match and number of values)
+and kept: its values, partition, limit and offset are bound parameters. Building a SQLAlchemy statement and its
+cache key cost more than running the query on an index, and a viewer sends the same few shapes all day.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from functools import cache
+from threading import Lock
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, select, true
+from sqlalchemy import BindParameter, ColumnElement, Select, and_, bindparam, exists, func, literal, select, true
 
 from dicomhub.index.extended_tags import VALUE_TABLES
 from dicomhub.index.records import QidoQuery, QidoRow, QueryFilter
@@ -48,19 +55,36 @@ def like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def value_condition(column, flt: QueryFilter) -> ColumnElement[bool]:
+def filter_values(flt: QueryFilter) -> list[Any]:
+    """The values a filter's condition compares with, in the order the condition uses them."""
+    if flt.match == "universal":
+        return []
+    if flt.match == "fuzzy":
+        return [like_pattern(word) + "%" for word in flt.values]
     if flt.match == "wildcard":
-        return column.like(like_pattern(flt.values[0]), escape="\\")
+        return [like_pattern(flt.values[0])]
+    if flt.match == "range":
+        return [v for v in (flt.low, flt.high) if v]
+    if flt.extended is not None and flt.extended.kind != "string":
+        return [(int if flt.extended.kind == "long" else float)(flt.values[0])]
+    return list(flt.values)
+
+
+def value_condition(column, flt: QueryFilter, values: Sequence[Any] | None = None) -> ColumnElement[bool]:
+    """``column`` against the filter's values (:func:`filter_values`, or bound parameters standing for them)."""
+    values = filter_values(flt) if values is None else values
+    if flt.match == "wildcard":
+        return column.like(values[0], escape="\\")
     if flt.match == "list":
-        return column.in_(flt.values)
+        return column.in_(values)
     if flt.match == "range":
         parts = []
         if flt.low:
-            parts.append(column >= flt.low)
+            parts.append(column >= values[0])
         if flt.high:
-            parts.append(column <= flt.high)
+            parts.append(column <= values[-1])
         return and_(*parts)
-    return column == flt.values[0]
+    return column == values[0]
 
 
 def _words_of(column: ColumnElement[str]) -> ColumnElement[str]:
@@ -80,13 +104,16 @@ def _contains(dialect: str, haystack: ColumnElement[str], needle: ColumnElement[
 INSTANCE_LEVEL_COLUMNS = {**COLUMNS, 0x0020000D: instance.c.study_uid, 0x0020000E: instance.c.series_uid}
 
 
-def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> ColumnElement[bool]:
+def _condition(
+    flt: QueryFilter, values: Sequence[BindParameter], dialect: str, columns: dict = COLUMNS
+) -> ColumnElement[bool]:
     if flt.match == "universal":
         return true()
     if flt.tag == MODALITIES_IN_STUDY:
         # an alias: at series/instance level the outer query has ``series`` too, which must not be correlated
         other = series.alias("modality_series")
-        return exists().where((other.c.study_key == study.c.study_key) & value_condition(other.c.modality, flt))
+        matches = value_condition(other.c.modality, flt, values)
+        return exists().where((other.c.study_key == study.c.study_key) & matches)
     if flt.match == "fuzzy":
         attribute = NAME_ATTRIBUTES[flt.tag]
         # name_word rows are only ever added, so a study keeps the words of names it no longer has: each word
@@ -97,13 +124,13 @@ def _condition(flt: QueryFilter, dialect: str, columns: dict = COLUMNS) -> Colum
                 exists().where(
                     (name_word.c.study_key == study.c.study_key)
                     & (name_word.c.attribute == attribute)
-                    & name_word.c.word.like(like_pattern(word) + "%", escape="\\")
+                    & name_word.c.word.like(word, escape="\\")
                     & _contains(dialect, current, literal(" ") + name_word.c.word + literal(" "))
                 )
-                for word in flt.values
+                for word in values
             )
         )
-    return value_condition(columns[flt.tag], flt)
+    return value_condition(columns[flt.tag], flt, values)
 
 
 # The key an extended query tag's values are joined on, by query level and tag level.
@@ -121,7 +148,9 @@ def _value_alias(kind: str, number: int):
     return VALUE_TABLES[kind].alias(f"extended_{kind}_{number}")
 
 
-def _extended_condition(flt: QueryFilter, owners: dict, number: int) -> ColumnElement[bool]:
+def _extended_condition(
+    flt: QueryFilter, values: Sequence[BindParameter], owners: dict, number: int
+) -> ColumnElement[bool]:
     """The value index (tag, value, key) joined on the owner's key; fuzzy names: ``key IN (matching words)``."""
     assert flt.extended is not None
     owner, tag_key = owners[flt.extended.level], flt.extended.tag_key
@@ -132,40 +161,82 @@ def _extended_condition(flt: QueryFilter, owners: dict, number: int) -> ColumnEl
         return and_(
             *(
                 owner.in_(
-                    select(word.c.resource_key).where(
-                        (word.c.tag_key == tag_key) & word.c.word.like(like_pattern(w) + "%", escape="\\")
-                    )
+                    select(word.c.resource_key).where((word.c.tag_key == tag_key) & word.c.word.like(w, escape="\\"))
                 )
-                for w in flt.values
+                for w in values
             )
         )
     # a join, not IN: planners then weigh the value index's statistics and start from it when it is selective
     # (one value row per tag and resource, so the join adds no rows)
     table = _value_alias(flt.extended.kind, number)
-    if flt.extended.kind == "string":
-        matches = value_condition(table.c.value, flt)
-    else:
-        matches = table.c.value == (int if flt.extended.kind == "long" else float)(flt.values[0])
+    matches = (
+        value_condition(table.c.value, flt, values) if flt.extended.kind == "string" else table.c.value == values[0]
+    )
     return (table.c.resource_key == owner) & (table.c.tag_key == tag_key) & matches
+
+
+def _shape(query: QidoQuery) -> tuple:
+    """What the statement depends on besides its bound values."""
+    return query.level, tuple(
+        (f.tag, f.match, len(f.values), bool(f.low), bool(f.high), f.extended) for f in query.filters
+    )
+
+
+class _Statements:
+    """Built statements by query shape, the least recently used dropped beyond ``size``."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        self._built: OrderedDict[tuple, Select] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key: tuple, build) -> Select:
+        with self._lock:
+            stmt = self._built.get(key)
+            if stmt is not None:
+                self._built.move_to_end(key)
+                return stmt
+        stmt = build()
+        with self._lock:
+            self._built[key] = stmt
+            if len(self._built) > self._size:
+                self._built.popitem(last=False)
+        return stmt
+
+
+_STATEMENTS = _Statements()
 
 
 def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     """Rows matching ``query``, newest first, one page."""
+    values = [filter_values(f) for f in query.filters]
+    params: dict[str, Any] = {"q_partition": query.partition_key, "q_limit": query.limit, "q_offset": query.offset}
+    for n, filter_value in enumerate(values):
+        params.update((f"q{n}_{i}", value) for i, value in enumerate(filter_value))
+    stmt = _STATEMENTS.get((index.dialect, *_shape(query)), lambda: _statement(query, values, index.dialect))
+    with index.read() as conn:
+        rows = conn.execute(stmt, params).all()
+    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}", *r[4:]) for r in rows]
+
+
+def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Select:
     columns = INSTANCE_LEVEL_COLUMNS if query.level == "instance" else COLUMNS
-    conditions = [
-        _extended_condition(f, EXTENDED_OWNERS[query.level], n) if f.extended else _condition(f, index.dialect, columns)
-        for n, f in enumerate(query.filters)
-    ]
+    conditions = []
+    for n, (flt, filter_values_) in enumerate(zip(query.filters, values, strict=True)):
+        binds = [bindparam(f"q{n}_{i}") for i in range(len(filter_values_))]
+        if flt.extended:
+            conditions.append(_extended_condition(flt, binds, EXTENDED_OWNERS[query.level], n))
+        else:
+            conditions.append(_condition(flt, binds, dialect, columns))
+    partition = bindparam("q_partition")
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
-        stmt = stmt.where(study.c.partition_key == query.partition_key)
+        stmt = stmt.where(study.c.partition_key == partition)
         order = study.c.watermark
         counts = (study.c.instance_count, study.c.series_count)
     elif query.level == "series":
         stmt = select(series.c.study_key, series.c.series_key, series.c.watermark.label("wm"))
-        stmt = stmt.join(study, study.c.study_key == series.c.study_key).where(
-            series.c.partition_key == query.partition_key
-        )
+        stmt = stmt.join(study, study.c.study_key == series.c.study_key).where(series.c.partition_key == partition)
         order = series.c.watermark
         counts = (series.c.instance_count,)
     else:
@@ -173,21 +244,18 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
         stmt = (
             stmt.join(series, series.c.series_key == instance.c.series_key)
             .join(study, study.c.study_key == instance.c.study_key)
-            .where((instance.c.partition_key == query.partition_key) & (instance.c.status == INSTANCE_CREATED))
+            .where((instance.c.partition_key == partition) & (instance.c.status == INSTANCE_CREATED))
         )
         order = instance.c.watermark
         counts = ()
-    stmt = (
+    return (
         stmt.add_columns(instance_metadata.c.json, *counts)
         .outerjoin(instance_metadata, instance_metadata.c.watermark == order)
         .where(*conditions)
         .order_by(order.desc())
-        .limit(query.limit)
-        .offset(query.offset)
+        .limit(bindparam("q_limit"))
+        .offset(bindparam("q_offset"))
     )
-    with index.read() as conn:
-        rows = conn.execute(stmt).all()
-    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}", *r[4:]) for r in rows]
 
 
 def study_modalities(index: Index, study_keys: Sequence[int]) -> dict[int, list[str]]:
