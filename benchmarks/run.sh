@@ -20,21 +20,9 @@ export CI_STATE=${BENCH_STATE:-/tmp/dicomhub-bench-services}
 
 log() { echo "[run.sh] $*" >&2; }
 
-# http_get URL [JSON_KEY] : print the HTTP status (or the value of JSON_KEY in the body).
-http_get() {
-  .venv/bin/python - "$@" <<'EOF' 2>/dev/null || echo "?"
-import sys, httpx
-try:
-    r = httpx.get(sys.argv[1], timeout=2, trust_env=False)
-except httpx.HTTPError:
-    print(0)
-    sys.exit(0)
-print(r.json()[sys.argv[2]] if len(sys.argv) > 2 else r.status_code)
-EOF
-}
-
-# shellcheck source=scripts/services.sh
-source scripts/services.sh
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
+BENCH_LOG_TAG=run.sh
 
 [ -x .venv/bin/python ] || { log ".venv missing: run 'make venv' first"; exit 1; }
 
@@ -53,34 +41,12 @@ trap cleanup EXIT
 targets=()
 
 if [ "${BENCH_SKIP_DICOMHUB:-0}" != 1 ]; then
-  [ -x .venv/bin/dicomhub ] || { log ".venv/bin/dicomhub not found (pip install -e .)"; exit 1; }
-  log "starting dicomhub on 127.0.0.1:$DICOMHUB_PORT (data dir $DATA_DIR)"
-  DICOMHUB_DATA_DIR=$DATA_DIR nohup "$ROOT/.venv/bin/dicomhub" serve --host 127.0.0.1 --port "$DICOMHUB_PORT" \
-    >"$CI_STATE/dicomhub.log" 2>&1 </dev/null &
-  svc_record dicomhub $! "serve --host 127.0.0.1 --port $DICOMHUB_PORT"
-  ok=0
-  for _ in $(seq 1 300); do
-    if [ "$(http_get "http://127.0.0.1:$DICOMHUB_PORT/health/check")" = 200 ]; then
-      ok=1
-      break
-    fi
-    _svc_alive dicomhub || break
-    sleep 0.2
-  done
-  if [ "$ok" != 1 ]; then
-    log "dicomhub did not answer 200 on /health/check; its log:"
-    tail -40 "$CI_STATE/dicomhub.log" >&2
-    exit 1
-  fi
+  bench_start_dicomhub dicomhub "$DICOMHUB_PORT" "$DATA_DIR" || exit 1
   targets+=(--target "dicomhub=http://127.0.0.1:$DICOMHUB_PORT/v2")
 fi
 
 if [ "${BENCH_SKIP_ORTHANC:-0}" != 1 ]; then
-  # Orthanc decodes JPEG 2000 (the transcode phase) only through its GDCM plugin: install and load it too.
-  SVC_PACKAGES+=(orthanc-gdcm)
-  ensure_packages
-  ORTHANC_EXTRA_CONFIG=$(printf '{"Plugins": ["%s", "%s"]}' "$ORTHANC_DICOMWEB_PLUGIN" \
-    /usr/share/orthanc/plugins/libOrthancGdcm.so) start_orthanc bench "$ORTHANC_PORT" 14242
+  bench_start_orthanc bench "$ORTHANC_PORT" 14242
   targets+=(--target "orthanc=http://127.0.0.1:$ORTHANC_PORT/dicom-web")
 fi
 
@@ -92,15 +58,11 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 "${cmd[@]}"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# Versions and machine, for the report header.
-mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
-cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
-dicomhub_version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("dicomhub"))' 2>/dev/null || echo "?")
+# Versions, for the report header.
+dicomhub_version=$(bench_dicomhub_version)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo "uncommitted")
 if [ "${BENCH_SKIP_ORTHANC:-0}" != 1 ]; then
-  orthanc_version=$(http_get "http://127.0.0.1:$ORTHANC_PORT/system" Version)
-  dicomweb_version=$(http_get "http://127.0.0.1:$ORTHANC_PORT/plugins/dicom-web" Version)
-  orthanc_version="$orthanc_version (Debian $(dpkg-query -W -f='${Version}' orthanc 2>/dev/null)), DICOMweb plugin $dicomweb_version (Debian $(dpkg-query -W -f='${Version}' orthanc-dicomweb 2>/dev/null)); HttpCompressionEnabled false, other settings default"
+  orthanc_version=$(bench_orthanc_version "$ORTHANC_PORT")
 fi
 
 {
@@ -110,7 +72,7 @@ fi
   echo
   echo "- command: \`bash benchmarks/run.sh${*:+ $*}\`, which ran \`${cmd[*]/$REPORT_TMP/REPORT}\`"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "- machine: $(nproc) cores ($cpu), $mem memory, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME")"
+  echo "- machine: $(bench_machine)"
   if [ "${BENCH_SKIP_DICOMHUB:-0}" != 1 ]; then
     echo "- dicomhub: $dicomhub_version (commit $commit), \`dicomhub serve --host 127.0.0.1 --port $DICOMHUB_PORT\`, fresh \`DICOMHUB_DATA_DIR\` (default storage settings)"
   fi
