@@ -9,7 +9,15 @@ from datetime import datetime
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import (
+    MAX_VALUE_LEN,
+    STR_VR_REGEXES,
+    VALIDATORS,
+    validate_length_and_type_and_regex,
+    validate_type_and_length,
+    validate_type_and_regex,
+    validate_value,
+)
 
 from dicomhub.dicom.tags import format_tag, keyword_of
 from dicomhub.dicom.uids import is_valid_uid
@@ -85,6 +93,54 @@ def element_error(elem: DataElement, trim_nul: bool) -> str | None:
     return None
 
 
+def _pattern_rules() -> dict[str, tuple[int, re.Pattern[str] | None]]:
+    """VR -> (maximum length or 0, pattern or None), for the VRs pydicom checks by length and/or pattern only.
+
+    Taken from pydicom's own tables, so :func:`text_values_valid` agrees with :func:`element_error` (which asks
+    pydicom); a VR whose pydicom check is anything else is not listed, and its values are never called valid here.
+    """
+    checks = {
+        validate_length_and_type_and_regex: (True, True),
+        validate_type_and_regex: (False, True),
+        validate_type_and_length: (True, False),
+    }
+    rules: dict[str, tuple[int, re.Pattern[str] | None]] = {}
+    for vr, validator in VALIDATORS.items():
+        length, pattern = checks.get(validator, (False, False))
+        if length or pattern:
+            rules[vr] = (MAX_VALUE_LEN.get(vr, 0) if length else 0, STR_VR_REGEXES[vr] if pattern else None)
+    # TM and DT: a string value is checked against the pattern only (pydicom's validate_date_time)
+    for vr in ("TM", "DT"):
+        rules[vr] = (0, STR_VR_REGEXES[vr])
+    return rules
+
+
+_PATTERN_RULES = _pattern_rules()
+
+
+def text_values_valid(vr: str, values: list[str]) -> bool:
+    """True when :func:`element_error` finds nothing wrong with these values of a text VR, decoded from printable
+    ASCII (so free of control characters, NUL padding stripped). False means invalid *or unsure*: the caller then
+    asks :func:`element_error` for the message. This check costs a fraction of a pydicom conversion and validation,
+    and runs on every element of every stored instance."""
+    if vr == "PN":
+        return True  # pydicom accepts any decoded person name; element_error checks names for control characters only
+    if vr == "UI":
+        return all(not v or is_valid_uid(v) for v in values)
+    if vr == "DA":
+        return all(not v.strip() or _is_date(v.strip()) for v in values)
+    rule = _PATTERN_RULES.get(vr)
+    if rule is None:
+        return False
+    max_length, pattern = rule
+    for v in values:
+        if max_length and len(v) > max_length:
+            return False
+        if pattern is not None and v and not pattern.match(v):
+            return False
+    return True
+
+
 def undecodable(tag: int, exc: Exception) -> str:
     """The error of an element whose bytes pydicom cannot turn into a value (bad VR, bad length, bad encoding)."""
     return f"Dicom element '{keyword_of(tag)}' could not be decoded: {pydicom_error(exc)}"
@@ -147,6 +203,7 @@ __all__ = [
     "error_comment",
     "invalid_character",
     "pydicom_error",
+    "text_values_valid",
     "undecodable",
     "values_of",
 ]

@@ -28,11 +28,10 @@ from dicomhub.blobs.base import BlobStore, Staged
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import ImageAttributeError, image_geometry, index_frames
 from dicomhub.dicom.integrity import structure_damage
-from dicomhub.dicom.json_model import dataset_to_json
+from dicomhub.dicom.json_model import dataset_model
 from dicomhub.dicom.tags import format_tag
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.dicom.validation import (
-    dataset_errors,
     element_error,
     error_comment,
     invalid_character,
@@ -63,6 +62,7 @@ INSTANCE_BEING_CREATED = 45071
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 45063
 VALIDATION_WARNING = 1
 
+_UNCHECKED = frozenset(REQUIRED_UIDS)  # checked by _check_required, with their own messages
 BATCH_SIZE = 64  # instances committed together; bounds the transaction and the prepared metadata held in memory
 STUDY_MISMATCH = "The StudyInstanceUid in the payload does not match the specified StudyInstanceUid."
 INSTANCE_EXISTS_DETAIL = "The instance already exists; delete it first to replace it."
@@ -237,10 +237,8 @@ class StoreService:
         if path_study is not None and normalize_uid(path_study) != study_uid:
             raise _Rejected(VALIDATION_FAILURE, STUDY_MISMATCH, [error_comment(STUDY_UID, STUDY_MISMATCH)])
 
-        dropped: set[int] = set()
-        if lenient:
-            errors = dataset_errors(ds, trim_nul=True, skip=frozenset(REQUIRED_UIDS))
-            dropped = set(errors)
+        if lenient:  # invalid attributes become warnings and are left out of the model
+            model, errors, _ = dataset_model(ds, validate=True, trim_nul=True, unchecked=_UNCHECKED)
             result.comments.extend(error_comment(tag, msg) for tag, msg in errors.items())
             if PATIENT_ID not in ds or not _text(ds, PATIENT_ID):
                 result.comments.insert(
@@ -248,6 +246,7 @@ class StoreService:
                 )
         else:
             self._check_indexed_strict(ds, raw_nul)
+            model, _, _ = dataset_model(ds, validate=False)
 
         ts = UID(ds.file_meta.TransferSyntaxUID)
         if ts.is_implicit_VR:
@@ -255,7 +254,6 @@ class StoreService:
         elif lenient and result.comments:
             result.warning = VALIDATION_WARNING
 
-        model, _ = dataset_to_json(ds, skip=frozenset(dropped))
         values, result.multiple_values_indexed = indexed_values(model)
         frames, frame_count = None, 0
         if "Rows" in ds:
