@@ -62,7 +62,9 @@ class Settings(BaseSettings):
         "", description="Comma-separated folders that filesystem export and import may use (none by default)."
     )
     cors_origins: str = Field("*", description="Comma-separated origins allowed by CORS; empty disables CORS.")
-    gzip_min_size: int = Field(1024, description="JSON responses larger than this are gzipped when the client asks.")
+    gzip_min_size: int = Field(
+        8192, description="JSON responses larger than this are gzipped when the client asks (smaller: not worth it)."
+    )
     delete_delay_seconds: float = Field(
         60.0, description="How long files of deleted instances are kept, so retrieves already under way finish."
     )

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, unquote_plus
@@ -30,7 +31,7 @@ MAX_BOUNDARY_LENGTH = 200
 _BOUNDARY = re.compile(rf"[ !#-\[\]-~]{{0,{MAX_BOUNDARY_LENGTH - 1}}}[!#-\[\]-~]")
 
 
-@dataclass
+@dataclass(frozen=True)  # parsed ranges are cached and shared
 class MediaRange:
     type: str
     params: dict[str, str] = field(default_factory=dict)
@@ -80,12 +81,13 @@ def parse_media_type(text: str) -> MediaRange:
     return MediaRange(base.strip().lower(), params, q)
 
 
-def parse_accept(header: str | None) -> list[MediaRange]:
+@lru_cache(maxsize=512)  # clients send the same few Accept values on every request
+def parse_accept(header: str | None) -> tuple[MediaRange, ...]:
     """The media ranges of an Accept header, best first (stable for equal q); q=0 ranges are dropped."""
     if not header:
-        return []
+        return ()
     ranges = [parse_media_type(item) for item in _split_outside_quotes(header)]
-    return sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q)
+    return tuple(sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q))
 
 
 def accepts_dicom_json(header: str | None) -> bool:
@@ -100,9 +102,10 @@ def request_accept(request: Request) -> str:
     """The Accept value a request is answered by: its ``accept`` query parameters when it has any (PS3.18 8.3.3.1:
     they override the header, for clients that cannot set headers, such as a browser's ``<img>``), else all its
     Accept header lines; either way one comma list, parsed like a header."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
     given = [
         _decode_media_types(raw)
-        for name, _, raw in (item.partition("=") for item in request.url.query.split("&"))
+        for name, _, raw in (item.partition("=") for item in query.split("&"))
         if unquote_plus(name) == ACCEPT_PARAMETER
     ]
     return ", ".join(given if given else request.headers.getlist("accept"))
