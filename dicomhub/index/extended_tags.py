@@ -9,6 +9,7 @@ exists (and is then covered by the re-index, which starts after the tag is commi
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from functools import cache
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicomhub.index.engine import in_lists, read_transaction, write_transaction
+from dicomhub.index.engine import Prepared, in_lists, read_transaction, write_transaction
 from dicomhub.index.schema import (
     EXTENDED_ADDING,
     EXTENDED_READY,
@@ -41,6 +42,7 @@ LONG_VRS = frozenset({"IS", "SL", "SS", "UL", "US"})
 DOUBLE_VRS = frozenset({"FL", "FD"})
 VALUE_TABLES: dict[str, Table] = {"string": extended_string, "long": extended_long, "double": extended_double}
 _LOCK_ID = 0x45515447  # "EQTG": the advisory lock of the tag list (PostgreSQL)
+_LOCK_FUNCTIONS = {True: "pg_advisory_xact_lock_shared", False: "pg_advisory_xact_lock"}
 
 
 def kind_of(vr: str) -> str:
@@ -127,10 +129,12 @@ class TooManyTags(Exception):
     pass
 
 
+_LOCKS = {shared: Prepared(text(f"SELECT {f}(:id)")) for shared, f in _LOCK_FUNCTIONS.items()}
+
+
 def _lock(conn: Connection, shared: bool) -> None:
     if conn.dialect.name == "postgresql":
-        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        conn.execute(text(f"SELECT {function}(:id)"), {"id": _LOCK_ID})
+        _LOCKS[shared].rows(conn, {"id": _LOCK_ID})
 
 
 def _tags_query():
@@ -159,13 +163,22 @@ def _tag(row) -> ExtendedTag:
 
 
 # -- the interface of stores and bulk update (inside their own transactions) ---------------------------------------
+_INDEXING_COLUMNS = ("tag_key", "path", "vr", "private_creator", "level", "status", "query_enabled", "operation_id")
+_IndexingRow = namedtuple("_IndexingRow", _INDEXING_COLUMNS)  # noqa: PYI024 - a row's shape for _tag
+_INDEXING = Prepared(  # every store runs it: compiled once (an IN list would be expanded, and compiled, per call)
+    select(*(extended_query_tag.c[name] for name in _INDEXING_COLUMNS)).where(
+        (extended_query_tag.c.status == EXTENDED_ADDING) | (extended_query_tag.c.status == EXTENDED_READY)
+    )
+)
+
+
 def indexing_tags(conn: Connection) -> list[ExtendedTag]:
-    """The tags new values must be indexed for (being added or ready); one small query, under the shared lock."""
+    """The tags new values must be indexed for (being added or ready); one small query, under the shared lock.
+
+    Read in the caller's transaction every time rather than cached: knowing a cached list is still current would
+    take a read of its own (a version row) under the same lock, and costs what this one does (a few µs)."""
     _lock(conn, shared=True)
-    rows = conn.execute(
-        select(extended_query_tag).where(extended_query_tag.c.status.in_((EXTENDED_ADDING, EXTENDED_READY)))
-    ).all()
-    return [_tag(r) for r in rows]
+    return [_tag(_IndexingRow(*row)) for row in _INDEXING.rows(conn)]
 
 
 @cache

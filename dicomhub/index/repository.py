@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, Select, bindparam, case, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomhub.index.changefeed import Change, append_changes
-from dicomhub.index.engine import in_lists, read_transaction, utc_now, write_transaction
+from dicomhub.index.engine import Prepared, in_lists, read_transaction, utc_now, write_transaction
 from dicomhub.index.extended_tags import forget_deleted
 from dicomhub.index.records import IndexValues, NewInstance, Partition, PendingCreate, StoredInstance
 from dicomhub.index.schema import (
@@ -116,9 +116,10 @@ class Index:
 
     # -- store --------------------------------------------------------------------------------------------------
     def _prepare_store_statements(self) -> None:
-        """Built once: per-call construction of upserts costs more than executing them."""
-        self._allocate = insert(watermark_allocator).returning(watermark_allocator.c.watermark)
-        self._reserve = (
+        """Built once: per-call construction of upserts costs more than executing them. The statements every store
+        runs are :class:`Prepared` (compiled once, run on the driver's cursor); the rare ones stay Core."""
+        self._allocate = Prepared(insert(watermark_allocator).returning(watermark_allocator.c.watermark))
+        self._reserve = Prepared(
             self._insert(instance)
             .on_conflict_do_nothing(index_elements=["partition_key", "study_uid", "series_uid", "sop_uid"])
             .returning(instance.c.watermark)
@@ -136,14 +137,14 @@ class Index:
             & (instance.c.sop_uid == bindparam("b_sop"))
             & (instance.c.status == INSTANCE_CREATING)
         )
-        self._upsert_study = self._level_upsert(study, ["partition_key", "study_uid"], study.c.study_key)
-        self._upsert_series = self._level_upsert(series, ["study_key", "series_uid"], series.c.series_key)
-        self._count_new_series = (
+        self._upsert_study = Prepared(self._level_upsert(study, ["partition_key", "study_uid"], study.c.study_key))
+        self._upsert_series = Prepared(self._level_upsert(series, ["study_key", "series_uid"], series.c.series_key))
+        self._count_new_series = Prepared(
             update(study)
             .where(study.c.study_key == bindparam("b_study_key"))
             .values(series_count=study.c.series_count + 1)
         )
-        self._mark_created = (
+        self._mark_created = Prepared(
             update(instance)
             .where((instance.c.watermark == bindparam("b_watermark")) & (instance.c.status == INSTANCE_CREATING))
             .values(
@@ -159,7 +160,8 @@ class Index:
             )
             .returning(instance.c.instance_key)
         )
-        self._add_words = self._insert(name_word).on_conflict_do_nothing()
+        self._add_words = Prepared(self._insert(name_word).on_conflict_do_nothing())
+        self._add_metadata = Prepared(insert(instance_metadata))
 
     def _level_upsert(self, table, conflict: list[str], key_col):
         """Insert-or-update of a study or series row for one more instance: the newest instance's non-empty values
@@ -196,9 +198,9 @@ class Index:
                     "status": INSTANCE_CREATING,
                     "created_at": utc_now(),
                 }
-                watermark = conn.execute(self._allocate).scalar_one()
-                reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()
-                if reserved is None:
+                ((watermark,),) = self._allocate.rows(conn)
+                reserved = self._reserve.rows(conn, {**row, "watermark": watermark})
+                if not reserved:
                     existing = conn.execute(self._existing, keys).first()
                     if (
                         existing is not None
@@ -206,8 +208,8 @@ class Index:
                         and (existing.created_at < stale_before)
                     ):
                         conn.execute(self._take_over, keys)
-                        reserved = conn.execute(self._reserve, {**row, "watermark": watermark}).scalar()
-                    if reserved is None:
+                        reserved = self._reserve.rows(conn, {**row, "watermark": watermark})
+                    if not reserved:
                         creating = existing is None or existing.status == INSTANCE_CREATING
                         results.append(InstanceExists(creating=creating))
                         continue
@@ -230,8 +232,8 @@ class Index:
         with self._write() as conn:
             created: list[tuple[NewInstance, int, int, int]] = []
             for new in news:
-                study_key, _ = conn.execute(
-                    self._upsert_study,
+                ((study_key, _),) = self._upsert_study.rows(
+                    conn,
                     {
                         "partition_key": new.partition_key,
                         "study_uid": new.study_uid,
@@ -240,9 +242,9 @@ class Index:
                         "series_count": 0,
                         **new.values.study,
                     },
-                ).one()
-                series_key, series_instances = conn.execute(
-                    self._upsert_series,
+                )
+                ((series_key, series_instances),) = self._upsert_series.rows(
+                    conn,
                     {
                         "partition_key": new.partition_key,
                         "study_key": study_key,
@@ -251,11 +253,11 @@ class Index:
                         "instance_count": 1,
                         **new.values.series,
                     },
-                ).one()
+                )
                 if series_instances == 1:  # the series' first instance: the study has one series more
-                    conn.execute(self._count_new_series, {"b_study_key": study_key})
-                marked = conn.execute(
-                    self._mark_created,
+                    self._count_new_series.rows(conn, {"b_study_key": study_key})
+                marked = self._mark_created.rows(
+                    conn,
                     {
                         "b_watermark": new.watermark,
                         "b_study_key": study_key,
@@ -268,18 +270,16 @@ class Index:
                         "b_frames": new.frames_json,
                     },
                 )
-                instance_key = marked.scalar()
-                if instance_key is None:
+                if not marked:
                     raise ReservationLost(f"the reservation of watermark {new.watermark} was rolled back meanwhile")
-                created.append((new, study_key, series_key, instance_key))
+                created.append((new, study_key, series_key, marked[0][0]))
                 words = [(NAME_PATIENT, w) for w in new.values.patient_name_words] + [
                     (NAME_REFERRING_PHYSICIAN, w) for w in new.values.referring_physician_words
                 ]
-                if words:
-                    conn.execute(
-                        self._add_words, [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words]
-                    )
-            conn.execute(insert(instance_metadata), [{"watermark": n.watermark, "json": n.metadata_json} for n in news])
+                self._add_words.run_many(
+                    conn, [{"study_key": study_key, "attribute": a, "word": w[:64]} for a, w in words]
+                )
+            self._add_metadata.run_many(conn, [{"watermark": n.watermark, "json": n.metadata_json} for n in news])
             if index_extended is not None:
                 index_extended(conn, created)
             changes = [(n.partition_key, n.study_uid, n.series_uid, n.sop_uid, n.watermark, n.watermark) for n in news]
