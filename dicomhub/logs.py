@@ -8,6 +8,8 @@ import logging.config
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
@@ -23,7 +25,10 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        try:  # a line per request: orjson takes a third of the standard library's time
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits
+            return json.dumps(entry, default=str)
 
 
 def logging_config(level: str, as_json: bool) -> dict[str, Any]:
