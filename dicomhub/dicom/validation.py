@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date
 
 from pydicom import config
 from pydicom.dataelem import DataElement
@@ -24,7 +24,7 @@ from dicomhub.dicom.uids import is_valid_uid
 
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"})
 _CONTROL_ALLOWED = {"\x1b"}
-_DATE = re.compile(r"[0-9]{8}")
+_DATE = re.compile(r"[0-9]{8}", re.ASCII)
 _PYDICOM_HINT = re.compile(r"\s*Please see <[^>]*> for allowed values for each VR\.?")
 DA_PATTERN_MESSAGE = "one of the date values does not match the pattern YYYYMMDD"
 
@@ -37,8 +37,8 @@ def _is_date(value: str) -> bool:
     """A DA value is a real calendar date written as YYYYMMDD (no ranges, no separators)."""
     if not _DATE.fullmatch(value):
         return False
-    try:
-        datetime.strptime(value, "%Y%m%d")
+    try:  # what strptime's %Y%m%d accepts, a tenth of its cost
+        date(int(value[:4]), int(value[4:6]), int(value[6:]))
     except ValueError:
         return False
     return True

@@ -13,7 +13,6 @@ goes wrong on the server's side: reading the spooled upload, writing the file, t
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,7 +27,7 @@ from dicomhub.blobs.base import BlobStore, Staged
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import ImageAttributeError, image_geometry, index_frames
 from dicomhub.dicom.integrity import structure_damage
-from dicomhub.dicom.json_model import dataset_model
+from dicomhub.dicom.json_model import dataset_model, json_text
 from dicomhub.dicom.tags import format_tag
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
 from dicomhub.dicom.validation import (
@@ -222,12 +221,12 @@ class StoreService:
         path_study: str | None,
         result: StoreResult,
     ) -> _Prepared:
+        lenient = api_version >= 2
         ds, pixel_offset, size, raw_nul = _read_header(
-            f, self.settings.max_sequence_depth, self.settings.max_transcode_size
+            f, self.settings.max_sequence_depth, self.settings.max_transcode_size, nul_tags=not lenient
         )
         result.sop_class_uid = _text(ds, SOP_CLASS_UID)
         result.sop_uid = _text(ds, SOP_UID)
-        lenient = api_version >= 2
 
         self._check_required(ds, lenient)
         study_uid = normalize_uid(_str(ds.StudyInstanceUID))
@@ -273,8 +272,8 @@ class StoreService:
             blob_key="",
             file_size=size,
             frame_count=frame_count,
-            frames_json=json.dumps(frames, separators=(",", ":")) if frames else None,
-            metadata_json=json.dumps(model, separators=(",", ":"), ensure_ascii=False),
+            frames_json=json_text(frames) if frames else None,
+            metadata_json=json_text(model),
             values=values,
         )
         return _Prepared(staged, result, instance)
@@ -347,10 +346,13 @@ def _unreadable(exc: Exception) -> str:
     return f"The DICOM file could not be read: {pydicom_error(exc)}"
 
 
-def _read_header(f: BinaryIO, max_depth: int, max_inflated: int) -> tuple[Dataset, int, int, set[int]]:
+def _read_header(
+    f: BinaryIO, max_depth: int, max_inflated: int, nul_tags: bool = True
+) -> tuple[Dataset, int, int, set[int]]:
     """Checks the file's structure (:func:`structure_damage`), then parses everything before the pixel data.
 
-    Returns (dataset, pixel offset, size, tags of strictly validated attributes whose raw value holds a NUL).
+    Returns (dataset, pixel offset, size, tags of strictly validated attributes whose raw value holds a NUL: only
+    v1 needs them, the empty set unless ``nul_tags``).
     """
     size = f.seek(0, 2)
     damage = structure_damage(f, size, max_depth, max_inflated)
@@ -370,7 +372,7 @@ def _read_header(f: BinaryIO, max_depth: int, max_inflated: int) -> tuple[Datase
     if not ts.is_transfer_syntax:
         message = f"The transfer syntax '{ts}' is not a known transfer syntax."
         raise _Rejected(VALIDATION_FAILURE, message, [error_comment(0x00020010, message)])
-    return ds, offset, size, _raw_nul_tags(ds)
+    return ds, offset, size, _raw_nul_tags(ds) if nul_tags else set()
 
 
 def _raw_nul_tags(ds: Dataset) -> set[int]:
