@@ -18,17 +18,15 @@ Callers check sizes and take a decode slot first (domain/decoding.py); codec fai
 from __future__ import annotations
 
 import io
-import struct
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.filereader import dcmread
-from pydicom.filewriter import dcmwrite, write_file_meta_info
+from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.pixels import convert_color_space, get_decoder, get_encoder, pack_bits
 from pydicom.uid import (
@@ -57,9 +55,6 @@ from dicomhub.dicom.validation import pydicom_error
 UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 # Syntaxes whose Pixel Data is native (not encapsulated) once the dataset is read
 NATIVE = UNCOMPRESSED | {DeflatedExplicitVRLittleEndian}
-# before Pixel Data, and changed by decoding it: its group length and the extended offset table
-_BEFORE_PIXELS = (0x7FE00000, 0x7FE00001, 0x7FE00002)
-_SEQUENCE_END = b"\xfe\xff\xdd\xe0\0\0\0\0"  # (FFFE,E0DD), length 0, little endian
 # Encapsulated syntaxes we can produce, and the ones among them that lose information (only made when asked for)
 ENCODABLE = frozenset(
     {
@@ -306,21 +301,6 @@ def _record_lossy(ds: Dataset, target: UID, ratio: float) -> None:
 def transcode_frame(header: Dataset, frame: bytes, source: str, target: str) -> bytes:
     """One frame's bytes in ``target``: ``frame`` is the frame's codestream (encapsulated ``source``) or its native
     little-endian pixel bytes; ``header`` has the image pixel attributes. Only this frame is decoded."""
-    try:
-        arr, info = _decode_frame(header, frame, source)
-        if target in NATIVE:
-            return native_bytes(arr, info)
-        return encode_frame(arr, info, UID(target))[0]
-    except Exception as exc:  # codecs raise anything from ValueError to RuntimeError on data they cannot handle
-        raise TranscodeError(str(exc)) from exc
-
-
-def _read_at(f: BinaryIO, offset: int, length: int) -> bytes:
-    f.seek(offset)
-    return f.read(length)
-
-
-def _decode_frame(header: Dataset, frame: bytes, source: str) -> tuple[np.ndarray, dict[str, Any]]:
     single = Dataset()
     for keyword in _IMAGE_PIXEL:
         if keyword in header:
@@ -330,54 +310,13 @@ def _decode_frame(header: Dataset, frame: bytes, source: str) -> tuple[np.ndarra
     single.file_meta.TransferSyntaxUID = UID(source) if encapsulated else ExplicitVRLittleEndian
     single.PixelData = encapsulate([frame]) if encapsulated else frame
     single["PixelData"].is_undefined_length = encapsulated
-    return next(_decoded_frames(single))
-
-
-def native_file(f: BinaryIO, size: int, frames: list[list[list[int]]]) -> bytes | None:
-    """An encapsulated file in explicit VR little endian without re-encoding its dataset: the stored bytes up to the
-    Pixel Data are copied, the file meta gets the new transfer syntax and the decoded frames follow. Parsing and
-    writing the whole dataset again took longer than decoding a frame of a CT slice. ``f`` holds ``size`` bytes;
-    ``frames`` lists each frame's fragments as (offset, length), as recorded at store time.
-
-    None when more than that would change (the decoded colour space differs from the Photometric Interpretation,
-    offset tables or a Pixel Data group length sit before the pixels, anything follows them) or the file's layout is
-    not the plain one; :func:`transcode` then re-encodes the file whole.
-    """
-    f.seek(0)
-    header = dcmread(f, stop_before_pixels=True)
-    pixel_at = f.tell()
-    source = UID(header.file_meta.get("TransferSyntaxUID", ""))
-    meta_length = header.file_meta.get("FileMetaInformationGroupLength")
-    if not source.is_encapsulated or meta_length is None or any(tag in header for tag in _BEFORE_PIXELS):
-        return None
-    dataset_at = (132 if header.preamble is not None else 0) + 12 + int(meta_length)
-    last_offset, last_length = frames[-1][-1]
-    f.seek(last_offset + last_length)
-    if f.read(8) != _SEQUENCE_END or f.tell() != size:  # elements after the Pixel Data
-        return None
-    pixels = []
-    for fragments in frames:
-        codestream = b"".join(_read_at(f, offset, length) for offset, length in fragments)
-        arr, info = _decode_frame(header, codestream, source)
-        if info["photometric_interpretation"] != header.get("PhotometricInterpretation"):
-            return None
-        if int(info["samples_per_pixel"]) > 1 and header.get("PlanarConfiguration") != 0:
-            return None
-        pixels.append(native_bytes(arr, info))
-    value = b"".join(pixels)
-    if len(value) % 2:
-        value += b"\0"
-    meta = FileMetaDataset(header.file_meta)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = io.BytesIO()
-    out.write(bytes(128) + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)
-    f.seek(dataset_at)
-    out.write(f.read(pixel_at - dataset_at))
-    vr = b"OB" if int(header.BitsAllocated) <= 8 else b"OW"
-    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr, 0, len(value)))
-    out.write(value)
-    return out.getvalue()
+    try:
+        arr, info = next(_decoded_frames(single))
+        if target in NATIVE:
+            return native_bytes(arr, info)
+        return encode_frame(arr, info, UID(target))[0]
+    except Exception as exc:  # codecs raise anything from ValueError to RuntimeError on data they cannot handle
+        raise TranscodeError(str(exc)) from exc
 
 
 def native_bytes(arr: np.ndarray, info: dict[str, Any]) -> bytes:

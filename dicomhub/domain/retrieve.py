@@ -23,7 +23,6 @@ from dicomhub.dicom.transcode import (
     TranscodeError,
     can_transcode,
     little_endian_pixel_data,
-    native_file,
     needs_pixel_decoding,
     transcode,
     transcode_frame,
@@ -92,9 +91,6 @@ class RetrieveService:
         stored = inst.transfer_syntax_uid
         if target in (ORIGINAL, stored):
             return Part(stored, self.blobs.iter_range(inst.blob_key))
-        spliced = self._native_file(inst, target)
-        if spliced is not None:
-            return Part(target, iter([spliced]))
         ds = self._read(inst)
         try:
             if not needs_pixel_decoding(stored, target):
@@ -104,23 +100,6 @@ class RetrieveService:
                 return Part(target, iter([transcode(ds, target)]))
         except TranscodeError as exc:
             raise NotAcceptable(_cannot_transcode("instance", stored, target, exc)) from exc
-
-    def _native_file(self, inst: StoredInstance, target: str) -> bytes | None:
-        """An encapsulated file decoded to explicit VR LE with its dataset bytes kept (:func:`native_file`), when its
-        frames were indexed at store time and its layout allows it; None otherwise."""
-        stored = UID(inst.transfer_syntax_uid)
-        ranges = json.loads(inst.frames_json) if inst.frames_json else None
-        if target != ExplicitVRLittleEndian or not stored.is_encapsulated or not ranges:
-            return None
-        if len(ranges) != inst.frame_count or not all(ranges):
-            return None
-        header = self._header(inst)  # also checks the file's structure, as every read of a stored file does
-        self.decoding.check_pixels(header)
-        with self.decoding.slot(), self.blobs.open(inst.blob_key) as f:
-            try:
-                return native_file(f, inst.file_size, ranges)
-            except Exception as exc:  # codecs raise anything on data they cannot handle
-                raise NotAcceptable(_cannot_transcode("instance", stored, target, exc)) from exc
 
     # -- frames -------------------------------------------------------------------------------------------------
     def frames(self, inst: StoredInstance, numbers: list[int], target: str) -> list[Part]:
