@@ -57,14 +57,16 @@ class FileSystemBlobStore(LocalStaging):
 
     @staticmethod
     def _in_folder(target: Path, action) -> None:
-        for attempt in range(3):
-            target.parent.mkdir(parents=True, exist_ok=True)
+        """Runs ``action`` (which creates ``target``), making its folder when missing: first without asking (the
+        folder of a series exists after its first instance, and asking costs a failed mkdir per store)."""
+        for attempt in range(4):
             try:
                 action()
                 return
-            except FileNotFoundError:  # a concurrent delete pruned the empty folder between mkdir and the write
-                if attempt == 2:
+            except FileNotFoundError:  # no folder yet, or a concurrent delete pruned it between mkdir and the write
+                if attempt == 3:
                     raise
+            target.parent.mkdir(parents=True, exist_ok=True)
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")  # noqa: SIM115 - the caller owns the handle

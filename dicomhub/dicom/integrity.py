@@ -13,6 +13,7 @@ items may switch to implicit VR), so a file it passes is one pydicom reads, with
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from collections.abc import Callable
@@ -85,6 +86,9 @@ def structure_damage(f: BinaryIO, size: int, max_depth: int, max_inflated: int) 
     if damage is not None or syntax is None or not UID(syntax).is_transfer_syntax:
         return damage
     ts = UID(syntax)
+    flat = isinstance(f, io.BytesIO) and not ts.is_deflated and not ts.is_implicit_VR  # an upload in memory
+    if flat and _flat_and_whole(f, files.tell(), size, "<" if ts.is_little_endian else ">"):
+        return None
     source = _InflatedSource(f, max_inflated) if ts.is_deflated else files
     walk = _Walk(source, ts.is_implicit_VR, "<" if ts.is_little_endian else ">", max_depth)
     try:
@@ -93,6 +97,34 @@ def structure_damage(f: BinaryIO, size: int, max_depth: int, max_inflated: int) 
         return Damage(0x7FE00010, f"the deflated data set inflates to more than {max_inflated} bytes.", False)
     except zlib.error as exc:
         return Damage(0x00020010, f"the deflated data set cannot be inflated ({exc}).", False)
+
+
+def _flat_and_whole(f: io.BytesIO, start: int, size: int, endian: str) -> bool:
+    """The common case at a fraction of the walk's cost: True when the data set (explicit VR, from ``start``) is
+    top-level elements only, each of a defined length that fits in the file, none a sequence, UN or item, and at
+    most :data:`MAX_ELEMENTS` of them. The walk finds nothing wrong in such a data set; anything else is its job."""
+    header = struct.Struct(endian + "HH2sH")
+    long_length = struct.Struct(endian + "I")
+    position, count = start, 0
+    with f.getbuffer() as data:
+        while position < size:
+            if size - position < 8:
+                return False
+            group, _, vr, length = header.unpack_from(data, position)
+            if group == 0xFFFE or vr in (b"SQ", b"UN") or not (b"AA" <= vr <= b"ZZ"):
+                return False
+            if vr in _LONG_VRS:
+                if size - position < 12:
+                    return False
+                (length,) = long_length.unpack_from(data, position + 8)
+                position += 12
+            else:
+                position += 8
+            if length == _UNDEFINED or length > size - position:
+                return False
+            position += length
+            count += 1
+    return count <= MAX_ELEMENTS
 
 
 def _file_meta(source: _FileSource) -> tuple[str | None, Damage | None]:
