@@ -42,6 +42,7 @@ from dicomhub.domain.attributes import (
     CORE_ATTRIBUTES,
     PATIENT_ID,
     REQUIRED_UIDS,
+    SERIES_UID,
     SOP_CLASS_UID,
     SOP_UID,
     STUDY_UID,
@@ -62,6 +63,7 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 45063
 VALIDATION_WARNING = 1
 
 _UNCHECKED = frozenset(REQUIRED_UIDS)  # checked by _check_required, with their own messages
+_REQUIRED = (*REQUIRED_UIDS, PATIENT_ID)
 BATCH_SIZE = 64  # instances committed together; bounds the transaction and the prepared metadata held in memory
 STUDY_MISMATCH = "The StudyInstanceUid in the payload does not match the specified StudyInstanceUid."
 INSTANCE_EXISTS_DETAIL = "The instance already exists; delete it first to replace it."
@@ -225,13 +227,12 @@ class StoreService:
         ds, pixel_offset, size, raw_nul = _read_header(
             f, self.settings.max_sequence_depth, self.settings.max_transcode_size, nul_tags=not lenient
         )
-        result.sop_class_uid = _text(ds, SOP_CLASS_UID)
-        result.sop_uid = _text(ds, SOP_UID)
+        required = {tag: _element(ds, tag) for tag in _REQUIRED}  # each decoded once, used thrice
+        result.sop_class_uid = _text(required[SOP_CLASS_UID])
+        result.sop_uid = _text(required[SOP_UID])
 
-        self._check_required(ds, lenient)
-        study_uid = normalize_uid(_str(ds.StudyInstanceUID))
-        series_uid = normalize_uid(_str(ds.SeriesInstanceUID))
-        sop_uid = normalize_uid(_str(ds.SOPInstanceUID))
+        self._check_required(required, lenient)
+        study_uid, series_uid, sop_uid = (normalize_uid(_text(required[t])) for t in (STUDY_UID, SERIES_UID, SOP_UID))
         result.study_uid, result.series_uid = study_uid, series_uid
         if path_study is not None and normalize_uid(path_study) != study_uid:
             raise _Rejected(VALIDATION_FAILURE, STUDY_MISMATCH, [error_comment(STUDY_UID, STUDY_MISMATCH)])
@@ -239,7 +240,7 @@ class StoreService:
         if lenient:  # invalid attributes become warnings and are left out of the model
             model, errors, _ = dataset_model(ds, validate=True, trim_nul=True, unchecked=_UNCHECKED)
             result.comments.extend(error_comment(tag, msg) for tag, msg in errors.items())
-            if PATIENT_ID not in ds or not _text(ds, PATIENT_ID):
+            if not _text(required[PATIENT_ID]):
                 result.comments.insert(
                     0, error_comment(PATIENT_ID, f"The required tag '{format_tag(PATIENT_ID)}' is missing.")
                 )
@@ -279,10 +280,11 @@ class StoreService:
         return _Prepared(staged, result, instance)
 
     @staticmethod
-    def _check_required(ds: Dataset, lenient: bool) -> None:
+    def _check_required(required: dict[int, tuple[DataElement | None, Exception | None]], lenient: bool) -> None:
+        """The required UIDs and the patient ID, as :func:`_element` found each."""
         comments = []
         for tag in REQUIRED_UIDS:
-            elem, failure = _element(ds, tag)
+            elem, failure = required[tag]
             if failure is not None:
                 comments.append(error_comment(tag, undecodable(tag, failure)))
                 continue
@@ -291,7 +293,7 @@ class StoreService:
                 comments.append(error_comment(tag, f"The required tag '{format_tag(tag)}' is missing."))
             elif not is_valid_uid(value.rstrip("\0") if lenient else value):
                 comments.append(error_comment(tag, INVALID_UID_MESSAGE))
-        patient_id, failure = _element(ds, PATIENT_ID)
+        patient_id, failure = required[PATIENT_ID]
         if failure is not None:
             comments.append(error_comment(PATIENT_ID, undecodable(PATIENT_ID, failure)))
         elif not lenient and (patient_id is None or not values_of(patient_id)):
@@ -336,9 +338,9 @@ def _element(ds: Dataset, tag: int) -> tuple[DataElement | None, Exception | Non
         return None, exc
 
 
-def _text(ds: Dataset, tag: int) -> str:
-    """The element's value as text; empty when absent or undecodable."""
-    elem, _ = _element(ds, tag)
+def _text(found: tuple[DataElement | None, Exception | None]) -> str:
+    """An element's value (as :func:`_element` found it) as text; empty when absent or undecodable."""
+    elem, _ = found
     return "" if elem is None or elem.value is None else str(elem.value)
 
 
