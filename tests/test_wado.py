@@ -220,6 +220,9 @@ def test_study_multipart_returns_every_instance_as_stored(http, study, accept):
         assert_media(part.content_type, "application/dicom", inst.transfer_syntax)
         assert part.data == inst.data
     assert not expected
+    # stored files of known sizes: the length is announced, not chunked
+    assert "transfer-encoding" not in response.headers
+    assert int(response.headers["content-length"]) == len(response.content)
 
 
 def test_series_multipart_returns_only_that_series(http, study):

@@ -136,16 +136,22 @@ def multipart_content_type(part_type: str, boundary: str) -> str:
 STREAM_PIECE = 1 << 20
 
 
+def _part_head(headers: str | dict[str, str], boundary: str) -> bytes:
+    fields = {"Content-Type": headers} if isinstance(headers, str) else headers
+    return (
+        f"--{boundary}\r\n".encode()
+        + "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode()
+        + b"\r\n"
+    )
+
+
 def multipart_body(parts: Iterable[tuple[str | dict[str, str], Iterator[bytes]]], boundary: str) -> Iterator[bytes]:
     """Streams ``(content type or headers, chunks)`` parts as a multipart/related body, in pieces of about
     STREAM_PIECE."""
-    delimiter = f"--{boundary}\r\n".encode()
     pending: list[bytes] = []
     size = 0
     for headers, chunks in parts:
-        fields = {"Content-Type": headers} if isinstance(headers, str) else headers
-        head = delimiter + "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode() + b"\r\n"
-        for piece in itertools.chain((head,), chunks, (b"\r\n",)):
+        for piece in itertools.chain((_part_head(headers, boundary),), chunks, (b"\r\n",)):
             pending.append(piece)
             size += len(piece)
             if size >= STREAM_PIECE:
@@ -153,6 +159,13 @@ def multipart_body(parts: Iterable[tuple[str | dict[str, str], Iterator[bytes]]]
                 pending, size = [], 0
     pending.append(f"--{boundary}--\r\n".encode())
     yield b"".join(pending)
+
+
+def multipart_length(parts: Iterable[tuple[str | dict[str, str], int]], boundary: str) -> int:
+    """The length of :func:`multipart_body` for parts of known sizes ``(content type or headers, size)``: sent as
+    Content-Length, it spares the chunked framing and lets clients read the body in one go (and show progress)."""
+    closing = len(f"--{boundary}--\r\n")
+    return closing + sum(len(_part_head(headers, boundary)) + size + 2 for headers, size in parts)
 
 
 # -- multipart reading (STOW) --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dicomhub.api.media import (
     accepts_dicom_json,
     multipart_body,
     multipart_content_type,
+    multipart_length,
     new_boundary,
     parse_accept,
     request_accept,
@@ -167,7 +168,15 @@ async def _retrieve(request: Request, ctx: RequestContext, scope: Scope) -> Resp
             part = retrieve.file(inst, syntax)
             yield f"{DICOM}; transfer-syntax={part.transfer_syntax}", part.chunks
 
-    return StreamingResponse(multipart_body(parts(), boundary), media_type=multipart_content_type(DICOM, boundary))
+    # every part is a stored file, as stored: the body's length is known before it is read
+    length = multipart_length(
+        ((f"{DICOM}; transfer-syntax={i.transfer_syntax_uid}", i.file_size) for i in found), boundary
+    )
+    return StreamingResponse(
+        multipart_body(parts(), boundary),
+        media_type=multipart_content_type(DICOM, boundary),
+        headers={"Content-Length": str(length)},
+    )
 
 
 add_scope_routes(
