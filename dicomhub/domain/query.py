@@ -3,13 +3,13 @@ the response datasets from the stored metadata."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydicom.datadict import tag_for_keyword
 
 from dicomhub.dicom.names import name_words
@@ -402,22 +402,19 @@ class QueryService:
 
     def search(self, partition: Partition, request: SearchRequest) -> list[dict[str, Any]]:
         level, _, return_levels = RESOURCES[request.resource]
-        rows = qido.search(
+        wanted = self._wanted_tags(request, return_levels)
+        rows, modalities = qido.search(
             self.index,
             QidoQuery(level, partition.key, tuple(request.filters), request.limit, request.offset),
+            with_modalities=level == STUDY and MODALITIES_IN_STUDY in wanted,
         )
         if not rows:
             return []
-        wanted = self._wanted_tags(request, return_levels)
-        modalities = (
-            qido.study_modalities(self.index, [r.study_key for r in rows])
-            if level == STUDY and MODALITIES_IN_STUDY in wanted
-            else {}
-        )
+        keys = sorted(tag_key(t) for t in wanted)
         results = []
         for row in rows:
-            model = json.loads(row.document)
-            out = {key: model[key] for key in sorted(tag_key(t) for t in wanted) if key in model}
+            model = orjson.loads(row.document)
+            out = {key: model[key] for key in keys if key in model}
             for tag, (vr, found) in _computed(level, row, modalities).items():
                 if tag in wanted and found:
                     out[tag_key(tag)] = {"vr": vr, "Value": found}

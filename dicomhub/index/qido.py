@@ -207,8 +207,17 @@ class _Statements:
 _STATEMENTS = _Statements()
 
 
-def search(index: Index, query: QidoQuery) -> list[QidoRow]:
-    """Rows matching ``query``, newest first, one page."""
+# the modalities of a page of studies (by the series rows' study key index)
+_MODALITIES = (
+    select(series.c.study_key, series.c.modality)
+    .where(series.c.study_key.in_(bindparam("keys", expanding=True)))
+    .distinct()
+)
+
+
+def search(index: Index, query: QidoQuery, with_modalities: bool = False) -> tuple[list[QidoRow], dict[int, list[str]]]:
+    """Rows matching ``query``, newest first, one page; with study rows, ``with_modalities`` also reads each
+    study's modalities (study_key -> sorted modalities) in the same read transaction."""
     values = [filter_values(f) for f in query.filters]
     params: dict[str, Any] = {"q_partition": query.partition_key, "q_limit": query.limit, "q_offset": query.offset}
     for n, filter_value in enumerate(values):
@@ -216,7 +225,14 @@ def search(index: Index, query: QidoQuery) -> list[QidoRow]:
     stmt = _STATEMENTS.get((index.dialect, *_shape(query)), lambda: _statement(query, values, index.dialect))
     with index.read() as conn:
         rows = conn.execute(stmt, params).all()
-    return [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}", *r[4:]) for r in rows]
+        keys = [r[0] for r in rows]
+        modalities = conn.execute(_MODALITIES, {"keys": keys}).all() if with_modalities and keys else []
+    found = [QidoRow(r[0], r[1] if query.level != "study" else None, r[2], r[3] or "{}", *r[4:]) for r in rows]
+    by_study: dict[int, list[str]] = defaultdict(list)
+    for key, modality in modalities:
+        if modality:
+            by_study[key].append(modality)
+    return found, {key: sorted(values) for key, values in by_study.items()}
 
 
 def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Select:
@@ -258,19 +274,4 @@ def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Selec
     )
 
 
-def study_modalities(index: Index, study_keys: Sequence[int]) -> dict[int, list[str]]:
-    """study_key -> the modalities of its series, sorted (one read of their series rows, by the study key index)."""
-    if not study_keys:
-        return {}
-    with index.read() as conn:
-        rows = conn.execute(
-            select(series.c.study_key, series.c.modality).where(series.c.study_key.in_(list(study_keys))).distinct()
-        ).all()
-    modalities: dict[int, list[str]] = defaultdict(list)
-    for key, modality in rows:
-        if modality:
-            modalities[key].append(modality)
-    return {key: sorted(values) for key, values in modalities.items()}
-
-
-__all__ = ["COLUMNS", "MODALITIES_IN_STUDY", "search", "study_modalities"]
+__all__ = ["COLUMNS", "MODALITIES_IN_STUDY", "search"]
