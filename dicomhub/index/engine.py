@@ -219,6 +219,8 @@ def _configure_sqlite(engine: Engine, durable: bool, writers: WriterLock | None)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:
+        # statements straight on the sqlite3 connection: SQLAlchemy's execution of a BEGIN cost more than SQLite's
+        driver = conn.connection.driver_connection
         options = conn.get_execution_options()
         if options.get("write"):
             wanted = "FULL" if options.get("durable", True) else "NORMAL"
@@ -227,11 +229,11 @@ def _configure_sqlite(engine: Engine, durable: bool, writers: WriterLock | None)
                 writers.acquire()
                 info["writer_lock"] = writers
             if info.get("synchronous", synchronous) != wanted:  # only when the other engine is not at hand
-                conn.exec_driver_sql(f"PRAGMA synchronous={wanted}")
+                driver.execute(f"PRAGMA synchronous={wanted}")
                 info["synchronous"] = wanted
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            driver.execute("BEGIN IMMEDIATE")
         else:
-            conn.exec_driver_sql("BEGIN DEFERRED")
+            driver.execute("BEGIN DEFERRED")
 
     def _next_writer(_dbapi_connection, record, *_: object) -> None:  # after the commit or rollback
         held = record.info.pop("writer_lock", None)
