@@ -65,6 +65,15 @@ trap cleanup EXIT
 
 has_phase() { [[ ",$phases," == *",$1,"* ]]; }
 
+# tree_state PHASE : note the commit the servers of PHASE run (they run from the working tree, which others may
+# change during a long run), and whether dicomhub/ differs from it.
+tree_state() {
+  local c
+  c=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+  [ -z "$(git status --porcelain -- dicomhub pyproject.toml 2>/dev/null)" ] || c="$c + uncommitted changes in dicomhub/"
+  trees+=("$1 $c")
+}
+
 # fresh_dicomhub NAME PORT [DATABASE_URL] : a new dicomhub with an empty data dir (and the given index database).
 fresh_dicomhub() {
   local dir
@@ -109,11 +118,10 @@ failed=()
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 t_start=$SECONDS
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo "uncommitted")
-# The servers run from the working tree: say so when it differs from the commit.
-[ -z "$(git status --porcelain -- dicomhub pyproject.toml 2>/dev/null)" ] || commit="$commit + uncommitted changes in dicomhub/"
+trees=()
 
 if has_phase stow; then
+  tree_state stow
   bench_log "phase stow"
   fresh_dicomhub dicomhub-postgresql "$PG_DICOMHUB_PORT" "$(new_database)"
   fresh_dicomhub dicomhub-sqlite "$SQLITE_PORT"
@@ -127,6 +135,7 @@ if has_phase stow; then
 fi
 
 if has_phase growth; then
+  tree_state growth
   bench_log "phase growth ($sizes)"
   export DICOMHUB_FSYNC=false
   fresh_dicomhub dicomhub-sqlite "$SQLITE_PORT"
@@ -139,6 +148,7 @@ if has_phase growth; then
 fi
 
 if has_phase large; then
+  tree_state large
   bench_log "phase large (${size_mb} MB)"
   stop_postgres # not needed here: its memory and disk I/O out of the way
   fresh_dicomhub dicomhub-sqlite "$SQLITE_PORT"
@@ -159,7 +169,7 @@ pg_version=$("$(_svc_pg_bin)/postgres" --version 2>/dev/null || echo "?")
   echo
   echo "- started: $started; took $(((SECONDS - t_start) / 60)) min"
   echo "- machine: $(bench_machine)"
-  echo "- dicomhub: $(bench_dicomhub_version) (commit $commit), \`dicomhub serve --host 127.0.0.1\`, fresh data dir and database per phase, default settings except \`DICOMHUB_FSYNC=false\` in the growth phase"
+  echo "- dicomhub: $(bench_dicomhub_version) (commit per phase: $(IFS=,; echo "${trees[*]}" | sed 's/,/; /g')), \`dicomhub serve --host 127.0.0.1\`, fresh data dir and database per phase, default settings except \`DICOMHUB_FSYNC=false\` in the growth phase"
   echo "- PostgreSQL: $pg_version, scripts/services.sh's private cluster (fsync, synchronous_commit and full_page_writes off), a new database per phase"
   echo "- Orthanc: ${orthanc_version:-as in RESULTS.md (DICOMweb and GDCM plugins, HttpCompressionEnabled false)}"
   echo "- load average (1/5/15 min) before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared)"
