@@ -160,31 +160,3 @@ def test_large_instance_streams_both_ways_and_cleanup_removes_it(object_server):
         assert health["overallStatus"] == "Healthy"
     probe_keys = [m["path"] for page in obstore.list(stored.store, prefix=".health") for m in page]
     assert probe_keys == []  # the health probe cleans up after itself
-
-
-def test_file_system_store_stages_uploads_ahead(tmp_path):
-    """An upload in memory staged ahead is written and fsynced to the staging folder; put moves that copy to its key,
-    discard removes it (also after put, or when it was never put), and a failed write fails put."""
-    from dicomhub.blobs.filesystem import FileSystemBlobStore
-
-    blobs = FileSystemBlobStore(tmp_path / "blobs")
-    staged = Staged(data=bytearray(b"first"))
-    blobs.stage(staged)
-    assert staged.pending is not None
-    blobs.put("1/a/b/c.1.dcm", staged)
-    blobs.discard(staged)
-    assert (tmp_path / "blobs/1/a/b/c.1.dcm").read_bytes() == b"first"
-    assert list(blobs.staging.iterdir()) == []
-
-    rejected = Staged(data=bytearray(b"second"))
-    blobs.stage(rejected)
-    blobs.discard(rejected)
-    assert list(blobs.staging.iterdir()) == []
-
-    failing = Staged(data=bytearray(b"third"))
-    blobs.staging.rmdir()  # the write ahead cannot create its file
-    blobs.stage(failing)
-    with pytest.raises(FileNotFoundError):
-        blobs.put("1/a/b/c.2.dcm", failing)
-    blobs.discard(failing)
-    assert not (tmp_path / "blobs/1/a/b/c.2.dcm").exists()

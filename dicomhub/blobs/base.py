@@ -6,7 +6,6 @@ import io
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -17,17 +16,13 @@ MEMORY_REQUEST_LIMIT = 32 * 1024 * 1024
 
 
 class Staged:
-    """An upload on its way to becoming a blob: bytes in memory, or a spool file on the local disk.
-
-    ``pending``: a durable copy of the bytes in memory being written ahead of ``put`` by the blob store (see
-    :meth:`BlobStore.stage`); the future gives that copy's path."""
+    """An upload on its way to becoming a blob: bytes in memory, or a spool file on the local disk."""
 
     def __init__(self, path: Path | None = None, data: bytearray | None = None) -> None:
         self.path = path
         self.data = data if path is None else None
         if self.path is None and self.data is None:
             self.data = bytearray()
-        self.pending: Future[Path] | None = None
 
     def open(self) -> BinaryIO:
         """A seekable reader over the upload's bytes."""
@@ -38,7 +33,7 @@ class Staged:
     def zero_preamble(self) -> None:
         """PS3.10 preambles may carry another format (TIFF); a stored file's is zeroed."""
         if self.data is not None:
-            if len(self.data) >= 132 and self.data[128:132] == b"DICM" and self.data[:128] != bytes(128):
+            if len(self.data) >= 132 and self.data[128:132] == b"DICM":
                 self.data[:128] = bytes(128)
             return
         with open(self.path, "r+b") as f:
@@ -53,10 +48,6 @@ class BlobStore(Protocol):
 
     def new_staging_file(self) -> Path:
         """A fresh local path to spool a large upload into before it becomes a blob."""
-
-    def stage(self, staged: Staged) -> None:
-        """May start making an upload durable ahead of ``put`` (in the background), so that ``put`` has less left
-        to wait for; the bytes must not change afterwards. ``put`` and ``discard`` wait for what it started."""
 
     def put(self, key: str, staged: Staged) -> None:
         """Makes ``staged`` durable under ``key`` (consuming it); returns only once it survives a crash."""
@@ -103,20 +94,9 @@ class LocalStaging:
     def new_staging_file(self) -> Path:
         return self.staging / f"{uuid.uuid4().hex}.part"
 
-    def stage(self, staged: Staged) -> None:
-        """Nothing to start ahead here (see :meth:`BlobStore.stage`)."""
-
     def discard(self, staged: Staged) -> None:
         if staged.path is not None:
             staged.path.unlink(missing_ok=True)
-        if staged.pending is not None:  # the durable copy written ahead, unless put moved it to its key
-            try:
-                copy = staged.pending.result()
-            except Exception:  # its write failed: whatever it left is purged with the staging folder's leftovers
-                return
-            finally:
-                staged.pending = None
-            copy.unlink(missing_ok=True)
 
     def purge_staging(self, older_than: float) -> int:
         return purge_old_files(self.staging, older_than)

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from dicomhub.blobs.base import LocalStaging, Staged
-
-STAGE_WRITERS = 4  # uploads written ahead at once (each mostly waits for its fsync)
 
 
 class FileSystemBlobStore(LocalStaging):
@@ -23,8 +19,6 @@ class FileSystemBlobStore(LocalStaging):
         self.staging = self.root / ".staging"
         self.fsync = fsync
         self.staging.mkdir(parents=True, exist_ok=True)
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_guard = threading.Lock()
 
     def _path(self, key: str) -> Path:
         """The file of a key; lexical normalisation (no file-system calls: this is on every read) keeps it inside."""
@@ -33,27 +27,9 @@ class FileSystemBlobStore(LocalStaging):
             raise ValueError(f"blob key escapes the store: {key!r}")
         return Path(path)
 
-    def stage(self, staged: Staged) -> None:
-        """Writes and fsyncs an upload in memory to a staging file in the background while the store validates it
-        and reserves its key; ``put`` then only moves that file to the key and fsyncs the folder. The fsync, the
-        longest wait of a small store, so overlaps the store's own work instead of following it."""
-        if not self.fsync or staged.data is None or staged.pending is not None:
-            return
-        staged.pending = self._writers().submit(_write_durably, self.new_staging_file(), staged.data)
-
-    def _writers(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            with self._executor_guard:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(STAGE_WRITERS, thread_name_prefix="blob-stage")
-        return self._executor
-
     def put(self, key: str, staged: Staged) -> None:
         target = self._path(key)
-        if staged.pending is not None:
-            copy = staged.pending.result()  # written and fsynced (raises what the write raised)
-            self._in_folder(target, lambda: os.replace(copy, target))
-        elif staged.data is not None:
+        if staged.data is not None:
             self._write_new(target, staged.data)
         else:
             if self.fsync:
@@ -122,14 +98,6 @@ class FileSystemBlobStore(LocalStaging):
         probe = self.staging / f"health-{uuid.uuid4().hex}"
         probe.write_bytes(b"ok")
         probe.unlink()
-
-
-def _write_durably(path: Path, data: bytearray) -> Path:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -149,13 +149,6 @@ class StoreService:
     ) -> list[StoreResult]:
         results: list[StoreResult] = []
         ready: list[_Prepared] = []
-        for upload in staged:  # the blob store may start making them durable while they are validated
-            if upload.data is not None:
-                upload.zero_preamble()  # before any copy is made: a stored file's preamble is zeroed
-                try:
-                    self.blobs.stage(upload)
-                except Exception:  # only a head start: put writes what was not staged
-                    log.warning("staging ahead failed", exc_info=True)
         try:
             for upload in staged:
                 result = StoreResult()
