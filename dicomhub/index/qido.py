@@ -13,7 +13,19 @@ from functools import cache
 from threading import Lock
 from typing import Any
 
-from sqlalchemy import BindParameter, ColumnElement, Select, and_, bindparam, exists, func, literal, select, true
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    literal_column,
+    select,
+    true,
+)
 
 from dicomhub.index.extended_tags import VALUE_TABLES
 from dicomhub.index.records import QidoQuery, QidoRow, QueryFilter
@@ -102,6 +114,8 @@ def _contains(dialect: str, haystack: ColumnElement[str], needle: ColumnElement[
 # study, series, SOP) then serves path-scoped searches, where joining from study and series lets planners that lack
 # statistics scan every instance of the partition.
 INSTANCE_LEVEL_COLUMNS = {**COLUMNS, 0x0020000D: instance.c.study_uid, 0x0020000E: instance.c.series_uid}
+SERIES_LEVEL_COLUMNS = dict(COLUMNS)  # the same columns; a study UID filter is matched by the study's key (_condition)
+STUDY_UID = 0x0020000D
 
 
 def _condition(
@@ -109,6 +123,13 @@ def _condition(
 ) -> ColumnElement[bool]:
     if flt.match == "universal":
         return true()
+    if columns is SERIES_LEVEL_COLUMNS and flt.tag == STUDY_UID and flt.match == "exact":
+        # the study's key, then its series by their (study_key, series_uid) index: planners otherwise tend to read
+        # every series in watermark order and probe each one's study, which grows with the archive
+        key = select(study.c.study_key).where(
+            (study.c.partition_key == bindparam("q_partition")) & (study.c.study_uid == values[0])
+        )
+        return series.c.study_key == key.scalar_subquery()
     if flt.tag == MODALITIES_IN_STUDY:
         # an alias: at series/instance level the outer query has ``series`` too, which must not be correlated
         other = series.alias("modality_series")
@@ -236,7 +257,7 @@ def search(index: Index, query: QidoQuery, with_modalities: bool = False) -> tup
 
 
 def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Select:
-    columns = INSTANCE_LEVEL_COLUMNS if query.level == "instance" else COLUMNS
+    columns = {"instance": INSTANCE_LEVEL_COLUMNS, "series": SERIES_LEVEL_COLUMNS}.get(query.level, COLUMNS)
     conditions = []
     for n, (flt, filter_values_) in enumerate(zip(query.filters, values, strict=True)):
         binds = [bindparam(f"q{n}_{i}") for i in range(len(filter_values_))]
@@ -264,11 +285,14 @@ def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Selec
         )
         order = instance.c.watermark
         counts = ()
+    # the series of one study are few: sorting them beats reading every series in watermark order, which planners
+    # without fresh statistics choose (an expression, not the column, keeps them off the watermark index)
+    one_study = query.level == "series" and any(f.tag == STUDY_UID and f.match == "exact" for f in query.filters)
     return (
         stmt.add_columns(instance_metadata.c.json, *counts)
         .outerjoin(instance_metadata, instance_metadata.c.watermark == order)
         .where(*conditions)
-        .order_by(order.desc())
+        .order_by((order + literal_column("0")).desc() if one_study else order.desc())
         .limit(bindparam("q_limit"))
         .offset(bindparam("q_offset"))
     )
