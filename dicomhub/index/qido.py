@@ -288,13 +288,20 @@ def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Selec
     # the series of one study are few: sorting them beats reading every series in watermark order, which planners
     # without fresh statistics choose (an expression, not the column, keeps them off the watermark index)
     one_study = query.level == "series" and any(f.tag == STUDY_UID and f.match == "exact" for f in query.filters)
-    return (
-        stmt.add_columns(instance_metadata.c.json, *counts)
-        .outerjoin(instance_metadata, instance_metadata.c.watermark == order)
+    page = (
+        stmt.add_columns(*counts)
         .where(*conditions)
         .order_by((order + literal_column("0")).desc() if one_study else order.desc())
         .limit(bindparam("q_limit"))
         .offset(bindparam("q_offset"))
+        .subquery("page")
+    )
+    # documents are joined to the page only: rows an offset skips never have theirs read
+    keys = list(page.c)[:3]
+    return (
+        select(*keys, instance_metadata.c.json, *list(page.c)[3:])
+        .select_from(page.outerjoin(instance_metadata, instance_metadata.c.watermark == page.c.wm))
+        .order_by(page.c.wm.desc())
     )
 
 
