@@ -20,12 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.uid import UID
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, PrivateTransferSyntaxes
+from pydicom.valuerep import VR as VR_
 
 from dicomhub.dicom.tags import format_tag
 
 _TRANSFER_SYNTAX = 0x00020010
+SPECIFIC_CHARACTER_SET = 0x00080005
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
@@ -125,6 +131,97 @@ def _flat_and_whole(f: io.BytesIO, start: int, size: int, endian: str) -> bool:
             position += length
             count += 1
     return count <= MAX_ELEMENTS
+
+
+# -- flat uploads in memory: checked and read in one pass -----------------------------------------------------------
+_FLAT_VRS = frozenset(vr.encode() for vr in VR_) - {b"SQ", b"UN", b"SV", b"UV"}  # two capital letters each
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where pydicom's stop_before_pixels stops
+_FLAT_HEADER = struct.Struct("<HH2sH")
+_FLAT_LONG_LENGTH = struct.Struct("<I")
+
+
+def read_flat(f: BinaryIO, size: int) -> tuple[FileDataset, int] | None:
+    """An upload in memory whose structure :func:`structure_damage` would pass on its quick path, read as
+    ``pydicom.dcmread(f, stop_before_pixels=True)`` reads it: (data set, offset of the pixel data element or the
+    file size), the file positioned there. ``None`` for anything else, to be checked and read the usual way.
+
+    Accepted: a Part-10 file of explicit VR little endian (any such transfer syntax but deflated), its file meta
+    group and data set made of top-level elements only, each of a known VR other than SQ, UN, SV and UV and of a
+    defined length that fits, without command set elements. Its element headers are read once, for both the check
+    and the data set; pydicom's own classes hold the result (raw elements, encodings, file meta), so values decode
+    as they would from pydicom's reader (tests/test_integrity.py compares the two on many files). pydicom's reader
+    spent most of its 160 µs on a CT header building datasets element by element.
+    """
+    if not isinstance(f, io.BytesIO) or size < 144:
+        return None
+    with f.getbuffer() as data:
+        if data[128:132] != b"DICM":
+            return None
+        elements = _flat_elements(data, 132, size)
+        if elements is None:
+            return None
+        meta: dict[BaseTag, RawDataElement] = {}
+        main: dict[BaseTag, RawDataElement] = {}
+        offset = size
+        for tag, vr, length, start in elements:
+            if tag >> 16 == 2 and not main:
+                target = meta
+            elif tag >> 16 in (0, 2) or tag >> 16 == 0xFFFE:
+                return None  # command set elements, a file meta element after the data set's first: pydicom's way
+            else:
+                target = main
+            if target is main and tag in _PIXEL_TAGS and offset == size:
+                offset = start - (12 if vr in _LONG_VRS else 8)
+            if offset != size:
+                continue  # past the pixel data: checked above, not read (stop_before_pixels)
+            value = bytes(data[start : start + length]) if length else empty_value_for_VR(vr.decode(), raw=True)
+            key = BaseTag(tag)
+            target[key] = RawDataElement(key, vr.decode(), length, value, start, False, True)
+        preamble = bytes(data[:128])
+    syntax = meta.get(BaseTag(_TRANSFER_SYNTAX))
+    if not meta or not main or syntax is None or not syntax.value:
+        return None
+    ts = UID(syntax.value.decode("ascii", "replace").rstrip("\0 "))
+    if not ts.is_transfer_syntax or ts.is_implicit_VR or not ts.is_little_endian or ts.is_deflated:
+        return None
+    if ts in PrivateTransferSyntaxes:
+        return None
+    file_meta = FileMetaDataset(Dataset(meta))
+    file_meta.set_original_encoding(False, True, default_encoding)
+    dataset = Dataset(main)
+    encoding = default_encoding
+    if SPECIFIC_CHARACTER_SET in main:
+        encoding = convert_encodings(convert_raw_data_element(main[BaseTag(SPECIFIC_CHARACTER_SET)]).value)
+    dataset.set_original_encoding(False, True, encoding)
+    ds = FileDataset(f, dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    f.seek(offset)
+    return ds, offset
+
+
+def _flat_elements(data: memoryview, start: int, size: int) -> list[tuple[int, bytes, int, int]] | None:
+    """(tag, VR, length, value offset) of every element from ``start`` to the end (explicit VR little endian), or
+    ``None`` unless each has a flat VR and a defined length that fits and there are at most :data:`MAX_ELEMENTS`."""
+    found = []
+    position = start
+    while position < size:
+        if size - position < 8:
+            return None
+        group, element, vr, length = _FLAT_HEADER.unpack_from(data, position)
+        if vr not in _FLAT_VRS:
+            return None
+        if vr in _LONG_VRS:
+            if size - position < 12:
+                return None
+            (length,) = _FLAT_LONG_LENGTH.unpack_from(data, position + 8)
+            position += 12
+        else:
+            position += 8
+        if length == _UNDEFINED or length > size - position:
+            return None
+        found.append((group << 16 | element, vr, length, position))
+        position += length
+    return found if len(found) <= MAX_ELEMENTS else None
 
 
 def _file_meta(source: _FileSource) -> tuple[str | None, Damage | None]:

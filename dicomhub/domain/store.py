@@ -26,7 +26,7 @@ from pydicom.uid import UID
 from dicomhub.blobs.base import BlobStore, Staged
 from dicomhub.config import Settings
 from dicomhub.dicom.frames import ImageAttributeError, image_geometry, index_frames
-from dicomhub.dicom.integrity import structure_damage
+from dicomhub.dicom.integrity import read_flat, structure_damage
 from dicomhub.dicom.json_model import dataset_model, json_text
 from dicomhub.dicom.tags import format_tag
 from dicomhub.dicom.uids import INVALID_UID_MESSAGE, is_valid_uid, normalize_uid
@@ -357,17 +357,24 @@ def _read_header(
     v1 needs them, the empty set unless ``nul_tags``).
     """
     size = f.seek(0, 2)
-    damage = structure_damage(f, size, max_depth, max_inflated)
-    if damage is not None:
-        comment = error_comment(damage.tag, damage.message[:1].upper() + damage.message[1:])
-        kind = "is truncated" if damage.truncated else "cannot be stored"
-        raise _Rejected(VALIDATION_FAILURE, f"The DICOM file {kind}: {damage.message}", [comment])
-    f.seek(0)
     try:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        offset = f.tell()
-    except Exception as exc:  # whatever else stops the parser (bad lengths, bad VRs) makes it unreadable
-        raise _Rejected(VALIDATION_FAILURE, _unreadable(exc)) from None
+        flat = read_flat(f, size)  # the common upload, checked and read in one pass
+    except Exception:  # whatever it is, the usual path names it
+        flat = None
+    if flat is not None:
+        ds, offset = flat
+    else:
+        damage = structure_damage(f, size, max_depth, max_inflated)
+        if damage is not None:
+            comment = error_comment(damage.tag, damage.message[:1].upper() + damage.message[1:])
+            kind = "is truncated" if damage.truncated else "cannot be stored"
+            raise _Rejected(VALIDATION_FAILURE, f"The DICOM file {kind}: {damage.message}", [comment])
+        f.seek(0)
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            offset = f.tell()
+        except Exception as exc:  # whatever else stops the parser (bad lengths, bad VRs) makes it unreadable
+            raise _Rejected(VALIDATION_FAILURE, _unreadable(exc)) from None
     if "TransferSyntaxUID" not in ds.file_meta:
         raise _Rejected(VALIDATION_FAILURE, "The DICOM file has no file meta information (Transfer Syntax UID).")
     ts = UID(str(ds.file_meta.TransferSyntaxUID).rstrip("\0 "))
