@@ -160,3 +160,19 @@ def test_large_instance_streams_both_ways_and_cleanup_removes_it(object_server):
         assert health["overallStatus"] == "Healthy"
     probe_keys = [m["path"] for page in obstore.list(stored.store, prefix=".health") for m in page]
     assert probe_keys == []  # the health probe cleans up after itself
+
+
+def test_file_system_store_puts_a_batch(tmp_path):
+    """put_many writes uploads in memory and moves spooled ones to their keys, in two folders, each readable."""
+    from dicomhub.blobs.filesystem import FileSystemBlobStore
+
+    blobs = FileSystemBlobStore(tmp_path / "blobs")
+    spooled = Staged(path=blobs.new_staging_file())
+    spooled.path.write_bytes(b"spooled")
+    items = [("1/a/b/c.1.dcm", Staged(data=bytearray(b"one"))), ("1/a/b/c.2.dcm", spooled)]
+    items.append(("1/a/d/e.3.dcm", Staged(data=bytearray(b"three"))))
+    blobs.put_many(items)
+    for key, content in (("1/a/b/c.1.dcm", b"one"), ("1/a/b/c.2.dcm", b"spooled"), ("1/a/d/e.3.dcm", b"three")):
+        with blobs.open(key) as f:
+            assert f.read() == content
+    assert list(blobs.staging.iterdir()) == []

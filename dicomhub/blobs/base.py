@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -52,6 +52,9 @@ class BlobStore(Protocol):
     def put(self, key: str, staged: Staged) -> None:
         """Makes ``staged`` durable under ``key`` (consuming it); returns only once it survives a crash."""
 
+    def put_many(self, items: Sequence[tuple[str, Staged]]) -> None:
+        """``put`` of each (key, upload), possibly side by side; on an exception any of them may have been put."""
+
     def open(self, key: str) -> BinaryIO:
         """A seekable binary reader; raises ``FileNotFoundError`` for a missing key."""
 
@@ -93,6 +96,11 @@ class LocalStaging:
 
     def new_staging_file(self) -> Path:
         return self.staging / f"{uuid.uuid4().hex}.part"
+
+    def put_many(self, items: Sequence[tuple[str, Staged]]) -> None:
+        """One ``put`` after the other."""
+        for key, staged in items:
+            self.put(key, staged)  # type: ignore[attr-defined]
 
     def discard(self, staged: Staged) -> None:
         if staged.path is not None:

@@ -187,17 +187,17 @@ class StoreService:
             item.instance.watermark = reservation
             item.instance.blob_key = blob_key(partition.key, *item.uids, reservation)
             reserved.append(item)
-        written: list[_Prepared] = []
         try:
-            for item in reserved:
-                self.blobs.put(item.instance.blob_key, item.staged)
-                written.append(item)
+            self.blobs.put_many([(item.instance.blob_key, item.staged) for item in reserved])
             self.index.complete_creates([item.instance for item in reserved], index_created)
         except Exception:
             log.exception("store commit failed", extra={"count": len(reserved)})
             self.index.abort_creates([item.instance.watermark for item in reserved])
-            for item in written:
-                self.blobs.delete(item.instance.blob_key)
+            for item in reserved:  # any may have been written (keys are the reservations': no one else's)
+                try:
+                    self.blobs.delete(item.instance.blob_key)
+                except Exception:  # a store that refused the write may refuse this too: an orphan at worst
+                    log.warning("blob not removed", extra={"key": item.instance.blob_key}, exc_info=True)
             for item in reserved:
                 item.result.reject(_Rejected(PROCESSING_FAILURE, "processing failure"))
 
