@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -366,25 +366,24 @@ def log_tail(path: Path | None, lines: int = 8) -> str:
 
 def run_target(name: str, base: str, pid: int, log_path: Path | None, lf: LargeFile, args: argparse.Namespace):
     """STOW then WADO of the file against one server, each watched by a sampler; a retrieve follows only a store."""
-    outcomes = []
+
+    def watched(operation: str, action: Callable[[], tuple[bool, str, int]]) -> Outcome:
+        out = Outcome(name, operation)
+        with RssSampler(pid, args.interval) as sampler:
+            t0 = time.perf_counter()
+            out.ok, out.detail, out.bytes = action()
+            out.seconds = time.perf_counter() - t0
+        out.memory, out.alive_after = sampler.memory, alive(pid)
+        return out
+
     bench.log(f"{name}: STOW of {lf.size / MB:,.0f} MB")
-    out = Outcome(name, "STOW")
-    with RssSampler(pid, args.interval) as sampler:
-        t0 = time.perf_counter()
-        out.ok, out.detail, out.bytes = stow(base, lf, args.timeout)
-        out.seconds = time.perf_counter() - t0
-    out.memory, out.alive_after = sampler.memory, alive(pid)
-    outcomes.append(out)
+    out = watched("STOW", lambda: stow(base, lf, args.timeout))
+    outcomes = [out]
     bench.log(f"{name}: STOW {out.detail} in {out.seconds:.1f} s, peak RSS {out.memory.peak_total:,.0f} MB")
     if not out.ok:
         return outcomes
     bench.log(f"{name}: WADO of the instance")
-    out = Outcome(name, "WADO (transfer-syntax=*)")
-    with RssSampler(pid, args.interval) as sampler:
-        t0 = time.perf_counter()
-        out.ok, out.detail, out.bytes = retrieve(base, lf, args.timeout)
-        out.seconds = time.perf_counter() - t0
-    out.memory, out.alive_after = sampler.memory, alive(pid)
+    out = watched("WADO (transfer-syntax=*)", lambda: retrieve(base, lf, args.timeout))
     if not out.ok and out.bytes and out.alive_after:  # bytes came but differ: where? (untimed)
         out.detail = retrieve(base, lf, args.timeout, pixel_data=True)[1]
     outcomes.append(out)

@@ -46,7 +46,7 @@ class FileSystemBlobStore(LocalStaging):
                     os.close(fd)
             self._in_folder(target, lambda: os.replace(staged.path, target))
         if self.fsync:
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
 
     def put_many(self, items: Sequence[tuple[str, Staged]]) -> None:
         """Several puts whose fsyncs run side by side: every file is written first, then fsynced on up to
@@ -65,13 +65,13 @@ class FileSystemBlobStore(LocalStaging):
                 files.append((target, None))
             else:
                 files.append((target, staged.path))
-        for _ in self._fsync_pool().map(_fsync_file, [spool or target for target, spool in files]):
+        for _ in self._fsync_pool().map(_fsync, [spool or target for target, spool in files]):
             pass
         for target, spool in files:
             if spool is not None:
                 self._in_folder(target, lambda target=target, spool=spool: os.replace(spool, target))
         for folder in dict.fromkeys(target.parent for target, _ in files):
-            _fsync_dir(folder)
+            _fsync(folder)
 
     def _fsync_pool(self) -> ThreadPoolExecutor:
         with self._pool_guard:
@@ -142,15 +142,8 @@ def _create(target: Path, data: bytes | bytearray) -> None:
         f.write(data)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync of a file or a folder (a folder's makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
