@@ -114,16 +114,13 @@ def _contains(dialect: str, haystack: ColumnElement[str], needle: ColumnElement[
 # study, series, SOP) then serves path-scoped searches, where joining from study and series lets planners that lack
 # statistics scan every instance of the partition.
 INSTANCE_LEVEL_COLUMNS = {**COLUMNS, 0x0020000D: instance.c.study_uid, 0x0020000E: instance.c.series_uid}
-SERIES_LEVEL_COLUMNS = dict(COLUMNS)  # the same columns; a study UID filter is matched by the study's key (_condition)
 STUDY_UID = 0x0020000D
 
 
-def _condition(
-    flt: QueryFilter, values: Sequence[BindParameter], dialect: str, columns: dict = COLUMNS
-) -> ColumnElement[bool]:
+def _condition(flt: QueryFilter, values: Sequence[BindParameter], dialect: str, level: str) -> ColumnElement[bool]:
     if flt.match == "universal":
         return true()
-    if columns is SERIES_LEVEL_COLUMNS and flt.tag == STUDY_UID and flt.match == "exact":
+    if level == "series" and flt.tag == STUDY_UID and flt.match == "exact":
         # the study's key, then its series by their (study_key, series_uid) index: planners otherwise tend to read
         # every series in watermark order and probe each one's study, which grows with the archive
         key = select(study.c.study_key).where(
@@ -151,6 +148,7 @@ def _condition(
                 for word in values
             )
         )
+    columns = INSTANCE_LEVEL_COLUMNS if level == "instance" else COLUMNS
     return value_condition(columns[flt.tag], flt, values)
 
 
@@ -257,14 +255,13 @@ def search(index: Index, query: QidoQuery, with_modalities: bool = False) -> tup
 
 
 def _statement(query: QidoQuery, values: list[list[Any]], dialect: str) -> Select:
-    columns = {"instance": INSTANCE_LEVEL_COLUMNS, "series": SERIES_LEVEL_COLUMNS}.get(query.level, COLUMNS)
     conditions = []
     for n, (flt, filter_values_) in enumerate(zip(query.filters, values, strict=True)):
         binds = [bindparam(f"q{n}_{i}") for i in range(len(filter_values_))]
         if flt.extended:
             conditions.append(_extended_condition(flt, binds, EXTENDED_OWNERS[query.level], n))
         else:
-            conditions.append(_condition(flt, binds, dialect, columns))
+            conditions.append(_condition(flt, binds, dialect, query.level))
     partition = bindparam("q_partition")
     if query.level == "study":
         stmt = select(study.c.study_key, study.c.study_key.label("series_key"), study.c.watermark.label("wm"))
